@@ -1,0 +1,1 @@
+"""Benchmarks against the anchors; run with ``make bench`` (not part of the test run)."""
