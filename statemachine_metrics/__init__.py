@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from prometheus_client.registry import REGISTRY as REGISTRY
+from transitions import MachineError as MachineError
 
+from ._collector import MachineCollector as MachineCollector
 from ._enum import Enum as Enum
+from ._machine import MeteredMachine as MeteredMachine
+from ._machine import TransitionSpec as TransitionSpec
 
-__all__ = ["REGISTRY", "Enum"]
+__all__ = [
+    "REGISTRY",
+    "Enum",
+    "MachineCollector",
+    "MachineError",
+    "MeteredMachine",
+    "TransitionSpec",
+]
 __version__ = "0.1.0"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.samples import Sample
 
@@ -161,23 +162,38 @@ class Enum(MetricWrapperBase):
         child._value = 0
         return child
 
-    def _child_samples(self) -> Iterable[Sample]:
-        current = self._value
-        name = self._name
-        return [
-            Sample("", {name: state}, 1 if i == current else 0, None, None)
-            for i, state in enumerate(self._states)
-        ]
+    def collect(self) -> Iterable[Metric]:
+        return [self._exposed(self._snapshot())]
 
-    def _multi_samples(self) -> Iterator[Sample]:
+    def _snapshot(self) -> list[tuple[tuple[str, ...], int]]:
+        """The current state of each series: (label values, state index)."""
+        if not self._labelnames:
+            return [((), self._value)]
         with self._lock:
-            metrics = self._metrics.copy()
+            return [(key, child._value) for key, child in self._metrics.items()]
+
+    def _exposed(self, snapshot: list[tuple[tuple[str, ...], int]]) -> Metric:
+        """The metric family for a snapshot, sample for sample what the reference builds."""
         name = self._name
         labelnames = self._labelnames
         states = self._states
-        for labelvalues, child in metrics.items():
-            current = child._value
+        metric = Metric(name, self._documentation, "stateset")
+        samples = metric.samples
+        for labelvalues, current in snapshot:
             for i, state in enumerate(states):
                 labels = dict(zip(labelnames, labelvalues))
                 labels[name] = state
-                yield Sample("", labels, 1 if i == current else 0, None, None)
+                samples.append(Sample(name, labels, 1 if i == current else 0, None, None))
+        return metric
+
+    def _child_samples(self) -> Iterable[Sample]:
+        return [
+            Sample("", sample.labels, sample.value, None, None)
+            for sample in self._exposed([((), self._value)]).samples
+        ]
+
+    def _multi_samples(self) -> Iterable[Sample]:
+        return [
+            Sample("", sample.labels, sample.value, None, None)
+            for sample in self._exposed(self._snapshot()).samples
+        ]

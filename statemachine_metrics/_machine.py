@@ -1,0 +1,656 @@
+"""`MeteredMachine`: declarative machine classes, compiled once per class.
+
+`transitions` builds and checks the definition (states, transitions, wildcards, source
+lists, reflexive and internal transitions, conditions); this module validates what
+`transitions` accepts silently, turns the result into per-state dispatch tables of
+`_engine.Step`, binds the class's metric family, and generates the trigger methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+from transitions import Machine
+
+from . import _diagram, _engine, _tasks
+from ._collector import MachineCollector, remember
+from ._engine import Callback, Condition, Step
+from ._enum import Enum
+from ._family import DEFAULT_BUCKETS, Family, Series, check_buckets
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["MeteredMachine", "TransitionSpec"]
+
+# Strict (pre-UTF-8) Prometheus names, so that every exposition passes promtool.
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TRANSITION_FIELDS = ("trigger", "source", "dest", "conditions", "unless", "before", "after")
+_TRANSITION_KEYS = frozenset((*_TRANSITION_FIELDS, "prepare"))
+_STATE_KEYS = frozenset(("name", "on_enter", "on_exit", "ignore_invalid_triggers"))
+_DEFINITION_ATTRIBUTES = ("transitions", "initial", "auto_transitions", "ignore_invalid_triggers")
+_GENERATED = "__statemachine_metrics_generated__"
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _listify(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+class TransitionSpec(NamedTuple):
+    """One allowed transition of a machine class."""
+
+    trigger: str
+    source: str
+    dest: str | None
+
+
+class _Definition:
+    """A validated machine definition, built with `transitions` (shared with subclasses)."""
+
+    def __init__(self, cls: type[MeteredMachine], abstract: bool) -> None:
+        owner = cls.__qualname__
+        self.owner = owner
+        self.abstract = abstract
+        raw_states = cls.__dict__["states"]
+        if isinstance(raw_states, (str, bytes)) or not isinstance(raw_states, Sequence):
+            raise TypeError(f"{owner}.states must be a list of state names or dicts")
+        if not raw_states:
+            raise ValueError(f"{owner}.states is empty; a machine needs at least one state")
+        states: list[str] = []
+        configs: list[str | dict[str, Any]] = []
+        for i, entry in enumerate(raw_states):
+            where = f"{owner}.states[{i}]"
+            if isinstance(entry, Mapping):
+                unknown = sorted(set(entry) - _STATE_KEYS)
+                if unknown:
+                    raise ValueError(
+                        f"{where}: unknown key(s) {', '.join(unknown)}; "
+                        f"a state dict takes {', '.join(sorted(_STATE_KEYS))}"
+                    )
+                name = entry.get("name")
+                configs.append(copy.copy(dict(entry)))
+            else:
+                name = entry
+                configs.append(entry)
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"{where}: a state name must be a non-empty string, got {name!r}")
+            if name in states:
+                raise ValueError(f"{where}: duplicate state {name!r}")
+            states.append(name)
+        self.states = tuple(states)
+        listing = ", ".join(states)
+
+        initial = getattr(cls, "initial", None)
+        if initial is None:
+            initial = states[0]
+        elif initial not in states:
+            raise ValueError(f"{owner}.initial: unknown state {initial!r}; states are {listing}")
+        self.initial: str = initial
+
+        raw_transitions = getattr(cls, "transitions", ())
+        if isinstance(raw_transitions, (str, bytes)) or not isinstance(raw_transitions, Sequence):
+            raise TypeError(f"{owner}.transitions must be a list of lists or dicts")
+        transitions: list[dict[str, Any]] = []
+        for i, entry in enumerate(raw_transitions):
+            where = f"{owner}.transitions[{i}]"
+            spec = self._transition(where, entry)
+            for field in ("source", "dest"):
+                values = _listify(spec[field]) if field == "source" else [spec[field]]
+                for value in values:
+                    if value in states or (field == "source" and value == "*"):
+                        continue
+                    if field == "dest" and value in ("=", None):
+                        continue
+                    raise ValueError(
+                        f"{where}: unknown {field} state {value!r}; states are {listing}"
+                    )
+            transitions.append(spec)
+
+        auto_transitions = bool(getattr(cls, "auto_transitions", False))
+        ignore = getattr(cls, "ignore_invalid_triggers", None)
+        self.machine = Machine(
+            model=None,
+            states=configs,
+            initial=initial,
+            transitions=transitions,
+            auto_transitions=auto_transitions,
+            ignore_invalid_triggers=ignore,
+            name=owner,
+        )
+        machine_states = self.machine.states
+        self.ignore_invalid = frozenset(
+            name for name in states if machine_states[name].ignore_invalid_triggers
+        )
+        self.ignore_unknown = bool(ignore)
+        labels: dict[tuple[str, str, str], None] = {}
+        for trigger, event in self.machine.events.items():
+            for source, candidates in event.transitions.items():
+                for transition in candidates:
+                    dest = transition.dest if transition.dest is not None else source
+                    labels[(source, dest, trigger)] = None
+        self.transition_labels = tuple(labels)
+
+    @staticmethod
+    def _transition(where: str, entry: Any) -> dict[str, Any]:
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(entry) - _TRANSITION_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown key(s) {', '.join(unknown)}; "
+                    f"a transition takes {', '.join(_TRANSITION_FIELDS)}, prepare"
+                )
+            missing = [key for key in ("trigger", "source", "dest") if key not in entry]
+            if missing:
+                raise ValueError(f"{where}: missing {', '.join(missing)}")
+            spec = dict(entry)
+        elif isinstance(entry, (list, tuple)) and 3 <= len(entry) <= len(_TRANSITION_FIELDS):
+            spec = dict(zip(_TRANSITION_FIELDS, entry))
+        else:
+            raise TypeError(
+                f"{where}: expected [trigger, source, dest] or a dict with trigger, source "
+                f"and dest, got {entry!r}"
+            )
+        trigger = spec["trigger"]
+        if not isinstance(trigger, str) or not trigger.isidentifier():
+            raise ValueError(f"{where}: trigger must be a Python identifier, got {trigger!r}")
+        return {key: copy.copy(value) for key, value in spec.items()}
+
+
+def _metric_for(cls: type[MeteredMachine], options: Mapping[str, Any], labelnames: Any) -> Enum:
+    owner = cls.__qualname__
+    unit = options.get("unit", "")
+    if unit:
+        raise ValueError(f"{owner}: unit={unit!r} is not allowed; a state metric has no unit")
+    name = options.get("name") or f"{_snake_case(cls.__name__)}_state"
+    documentation = options.get("documentation")
+    if documentation is None:
+        doc = cls.__dict__.get("__doc__")
+        lines = inspect.cleandoc(doc).splitlines() if doc else []
+        documentation = lines[0] if lines and lines[0] else f"State of {owner}"
+    namespace = options.get("namespace", "")
+    subsystem = options.get("subsystem", "")
+    full = "_".join(part for part in (namespace, subsystem, name) if part)
+    if not _LABEL_NAME.match(full):
+        raise ValueError(
+            f"{owner}: invalid metric name {full!r}; use letters, digits and underscores, "
+            "not starting with a digit"
+        )
+    if isinstance(labelnames, str):
+        raise TypeError(f"{owner}: labelnames must be a sequence of names, not a string")
+    labelnames = tuple(labelnames)
+    for label in labelnames:
+        if not isinstance(label, str) or not _LABEL_NAME.match(label) or label.startswith("__"):
+            raise ValueError(f"{owner}: invalid label name {label!r}")
+        if label == full:
+            raise ValueError(
+                f"{owner}: label name {label!r} is the state label (the metric's own name)"
+            )
+    if len(set(labelnames)) != len(labelnames):
+        raise ValueError(f"{owner}: duplicate label names in {labelnames!r}")
+    states = cls._definition.states  # type: ignore[union-attr]
+    return Enum(
+        name,
+        documentation,
+        labelnames=labelnames,
+        namespace=namespace,
+        subsystem=subsystem,
+        registry=None,
+        states=states,
+    )
+
+
+class MeteredMachine:
+    """Base class of machines whose every transition updates Prometheus metrics.
+
+    Declare states and transitions in `transitions`' own vocabulary; the class is compiled
+    and checked when it is created, and gets a trigger method per trigger:
+
+        class Worker(MeteredMachine, namespace="myapp", labelnames=("worker",)):
+            \"\"\"Current state of the background worker\"\"\"
+
+            states = ["idle", "running", "error"]          # the first is the initial state
+            transitions = [
+                ["start", "idle", "running"],
+                ["finish", "running", "idle"],
+                ["fail", ["idle", "running"], "error"],
+                {"trigger": "reset", "source": "error", "dest": "idle"},
+            ]
+
+        w = Worker(labels={"worker": "w1"})
+        await w.start()            # True; w.state == "running"
+
+    Class keywords: ``name`` (default: the class name in snake_case + ``_state``),
+    ``documentation`` (default: the docstring's first line), ``labelnames``, ``namespace``,
+    ``subsystem``, ``unit`` (must be empty), ``registry`` (default `REGISTRY`; ``None``
+    exports the class only through a `MachineCollector` that names it), and ``abstract``
+    (a template: checked, never instantiated, each subclass gets its own metrics).
+
+    Class attributes: ``states`` (names or state dicts with ``on_enter``/``on_exit``),
+    ``transitions`` (``[trigger, source, dest]`` lists or dicts with ``conditions``,
+    ``unless``, ``before``, ``after``, ``prepare``), ``initial``, ``auto_transitions``
+    (default False), ``ignore_invalid_triggers``, ``duration_buckets``.
+
+    Transitions of one machine run one at a time, in arrival order; a trigger awaited from
+    the machine's own callback runs at once, nested in the running transition.
+    """
+
+    __slots__ = ("__weakref__", "_entered", "_owner", "_series", "_state", "_timers", "_waiters")
+
+    _state: str
+    _entered: float
+    _owner: object | None
+    _waiters: Any
+    _series: Series | None
+    _timers: Any
+
+    #: The class's bound `Enum` (shared with subclasses that declare no states).
+    metric: ClassVar[Enum]
+    states: ClassVar[Sequence[str | Mapping[str, Any]]]
+    transitions: ClassVar[Sequence[Sequence[Any] | Mapping[str, Any]]]
+    initial: ClassVar[str | None] = None
+    auto_transitions: ClassVar[bool] = False
+    ignore_invalid_triggers: ClassVar[bool | None] = None
+    duration_buckets: ClassVar[Sequence[float]] = DEFAULT_BUCKETS
+    timeouts: ClassVar[Mapping[str, tuple[float, str]]] = {}
+
+    _definition: ClassVar[_Definition | None] = None
+    _family: ClassVar[Family | None] = None
+    _index: ClassVar[dict[str, int]] = {}
+    _triggers: ClassVar[dict[str, dict[str, tuple[Step, ...]]]] = {}
+    _ignore_invalid: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(
+        cls,
+        *,
+        abstract: bool = False,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = REGISTRY,
+        **options: Any,
+    ) -> None:
+        super().__init_subclass__()
+        owner = cls.__qualname__
+        unknown = sorted(set(options) - {"name", "documentation", "namespace", "subsystem", "unit"})
+        if unknown:
+            raise TypeError(f"{owner}: unknown class keyword(s) {', '.join(unknown)}")
+        declares = "states" in cls.__dict__
+        if not declares:
+            redefined = [a for a in _DEFINITION_ATTRIBUTES if a in cls.__dict__]
+            if redefined:
+                raise TypeError(
+                    f"{owner} declares {', '.join(redefined)} but no states: a subclass "
+                    "either reuses its parent's definition whole or declares its own states"
+                )
+        parent = cls._definition
+        if declares:
+            cls._definition = _Definition(cls, abstract)
+        elif parent is None:
+            if options or labelnames or abstract:
+                raise TypeError(f"{owner}: class keywords need states to describe")
+            cls._family = None
+            return
+        elif abstract:
+            cls._definition = copy.copy(parent)
+            cls._definition.abstract = True
+        definition = cls._definition
+        assert definition is not None
+
+        keywords_given = bool(options or labelnames) or registry is not REGISTRY
+        needs_family = declares or keywords_given or cls._family is None or parent.abstract  # type: ignore[union-attr]
+        if definition.abstract:
+            cls._family = None
+        elif needs_family:
+            buckets = check_buckets(owner, cls.duration_buckets)
+            cls.metric = _metric_for(cls, options, labelnames)
+            cls._family = Family(owner, cls.metric, buckets, definition.transition_labels)
+            if registry is not None:
+                try:
+                    registry.register(MachineCollector(cls))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{owner}: its metric names are taken in its registry ({exc})"
+                    ) from None
+            remember(cls)
+        _compile(cls, definition)
+        _tasks.check_timeouts(cls)
+
+    # -- instances -----------------------------------------------------------------------
+
+    def __init__(
+        self, *, labels: Mapping[str, object] | None = None, initial: str | None = None
+    ) -> None:
+        cls = type(self)
+        family = cls._family
+        definition = cls._definition
+        if family is None or definition is None:
+            why = "it declares no states" if definition is None else "it is a template"
+            raise TypeError(f"{cls.__qualname__} is abstract ({why}); subclass it with states")
+        state = definition.initial if initial is None else initial
+        index = cls._index.get(state) if isinstance(state, str) else None
+        if index is None:
+            raise ValueError(
+                f"{cls.__qualname__}: unknown initial state {state!r}; "
+                f"states are {', '.join(definition.states)}"
+            )
+        key = _label_key(cls, family, labels)
+        self._state = state
+        self._owner = None
+        self._waiters = None
+        self._timers = None
+        self._entered = time.perf_counter()
+        self._series = family.attach(key, index)
+
+    @property
+    def state(self) -> str:
+        """The current state."""
+        return self._state
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The label values this machine's series is bound to."""
+        family = type(self)._family
+        assert family is not None
+        series = self._series
+        key = series.key if series is not None else None
+        return dict(zip(family.metric._labelnames, key or ()))
+
+    @property
+    def closed(self) -> bool:
+        """True once the machine has ended (`aclose`, or the end of ``async with``)."""
+        return self._series is None
+
+    async def trigger(self, trigger_name: str, *args: Any, **kwargs: Any) -> bool:
+        """Fire a trigger by name; the same as calling its method.
+
+        Raises:
+            AttributeError: no trigger has that name.
+            transitions.MachineError: the trigger is not valid in the current state.
+        """
+        table = type(self)._triggers.get(trigger_name)
+        if table is None:
+            definition = type(self)._definition
+            assert definition is not None
+            if definition.ignore_unknown or self._state in type(self)._ignore_invalid:
+                return False
+            raise AttributeError(
+                f"{type(self).__qualname__}: Do not know event named '{trigger_name}'."
+            )
+        return await _engine.fire(self, trigger_name, table, args, kwargs)
+
+    async def aclose(self) -> None:
+        """End the machine: it leaves the counts, and its label set goes with its last
+        machine. Waits for a running transition to finish; closing twice is harmless."""
+        if self._series is None:
+            return
+        await _engine.fire_exclusive(self, self._end)
+
+    async def __aenter__(self) -> Self:
+        """Enter the machine: its state timeouts run until the block ends, then it closes."""
+        await _tasks.enter(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await _tasks.exit(self)
+        finally:
+            await self.aclose()
+
+    def track(
+        self,
+        enter: str,
+        success: str,
+        error: str | None = None,
+        cancel: str | None = None,
+    ) -> _tasks.Track:
+        """Fire triggers around a coroutine: a decorator and an async context manager.
+
+        `enter` fires first, then the body runs, then `success`; on an exception `error`
+        fires and the exception propagates; on cancellation `cancel` (else `error`) fires,
+        shielded, and the cancellation propagates. Trigger names are checked here.
+        """
+        return _tasks.Track(self, enter, success, error, cancel)
+
+    @classmethod
+    def mermaid(cls, counts: bool = False) -> str:
+        """The machine as a Mermaid ``stateDiagram-v2``; with `counts`, live machines per
+        state in each state's label."""
+        return _diagram.mermaid(cls, counts=counts)
+
+    @classmethod
+    def state_names(cls) -> tuple[str, ...]:
+        """The states, in declaration order (the initial one is `initial_state()`)."""
+        return cls._require_definition().states
+
+    @classmethod
+    def initial_state(cls) -> str:
+        """The state a new machine starts in."""
+        return cls._require_definition().initial
+
+    @classmethod
+    def trigger_names(cls) -> tuple[str, ...]:
+        """The triggers, in declaration order."""
+        return tuple(cls._triggers)
+
+    @classmethod
+    def transition_table(cls) -> tuple[TransitionSpec, ...]:
+        """Every allowed transition, wildcards and source lists expanded, in declaration
+        order; `dest` is None for an internal transition."""
+        definition = cls._require_definition()
+        return tuple(
+            TransitionSpec(trigger, source, t.dest)
+            for trigger, event in definition.machine.events.items()
+            for source, candidates in event.transitions.items()
+            for t in candidates
+        )
+
+    @classmethod
+    def metric_names(cls) -> tuple[str, ...]:
+        """The full names of the class's metrics: the Enum first, then the derived ones."""
+        family = cls._family
+        if family is None:
+            return ()
+        return (
+            family.name,
+            family.machines_name,
+            family.transitions_name,
+            family.duration_name,
+            family.errors_name,
+        )
+
+    @classmethod
+    def _require_definition(cls) -> _Definition:
+        if cls._definition is None:
+            raise TypeError(f"{cls.__qualname__} is abstract: it declares no states")
+        return cls._definition
+
+    def _end(self) -> None:
+        series = self._series
+        if series is not None:
+            self._series = None
+            family = type(self)._family
+            assert family is not None
+            family.detach(series, type(self)._index[self._state])
+
+    def __del__(self) -> None:
+        try:
+            series = self._series
+        except AttributeError:
+            return  # never fully initialised
+        if series is not None:
+            self._end()
+
+    def __repr__(self) -> str:
+        labels = self.labels if self._series is not None else {}
+        shown = f" labels={labels}" if labels else ""
+        closed = " closed" if self._series is None else ""
+        return f"<{type(self).__qualname__} state={self._state!r}{shown}{closed}>"
+
+
+def _label_key(
+    cls: type[MeteredMachine], family: Family, labels: Mapping[str, object] | None
+) -> tuple[str, ...] | None:
+    labelnames = family.metric._labelnames
+    given = {} if labels is None else labels
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{cls.__qualname__}: labels must be a dict, got {labels!r}")
+    if set(given) != set(labelnames):
+        expected = ", ".join(labelnames) if labelnames else "none"
+        got = ", ".join(sorted(map(str, given))) or "none"
+        raise ValueError(f"{cls.__qualname__}: labels must be exactly {expected}; got {got}")
+    if not labelnames:
+        return None
+    return tuple(str(given[name]) for name in labelnames)
+
+
+def _compile(cls: type[MeteredMachine], definition: _Definition) -> None:
+    """Build the class's dispatch tables and trigger methods from the definition."""
+    family = cls._family
+    owner = cls.__qualname__
+    machine = definition.machine
+    cls._index = {state: i for i, state in enumerate(definition.states)}
+    cls._ignore_invalid = definition.ignore_invalid
+
+    def compile_callbacks(references: Sequence[Any], where: str) -> tuple[Callback, ...]:
+        compiled = []
+        for reference in references:
+            if isinstance(reference, str):
+                compiled.append(Callback(reference, None))
+            elif callable(reference):
+                name = getattr(reference, "__qualname__", None) or repr(reference)
+                compiled.append(Callback(name, reference))
+            else:
+                raise TypeError(
+                    f"{owner}: {where} callback {reference!r} must be a method name or a callable"
+                )
+        return tuple(compiled)
+
+    def state_callbacks(kind: str, state: str) -> tuple[Callback, ...]:
+        listed = list(getattr(machine.states[state], kind))
+        # transitions' convention: a method named on_enter_<state> / on_exit_<state>.
+        method = f"{kind}_{state}"
+        if method not in listed and inspect.isfunction(getattr(cls, method, None)):
+            listed.append(method)
+        return compile_callbacks(listed, f"state {state!r} {kind}")
+
+    enter = {state: state_callbacks("on_enter", state) for state in definition.states}
+    exit_ = {state: state_callbacks("on_exit", state) for state in definition.states}
+    triggers: dict[str, dict[str, tuple[Step, ...]]] = {}
+    if family is not None:
+        for trigger, event in machine.events.items():
+            table: dict[str, tuple[Step, ...]] = {}
+            for source, candidates in event.transitions.items():
+                steps = []
+                for t in candidates:
+                    where = f"transition {trigger!r} from {source!r}"
+                    dest_label = t.dest if t.dest is not None else source
+                    steps.append(
+                        Step(
+                            family,
+                            trigger,
+                            source,
+                            t.dest,
+                            family.slots[(source, dest_label, trigger)],
+                            prepare=compile_callbacks(t.prepare, where),
+                            conditions=tuple(
+                                Condition(compile_callbacks([c.func], where)[0], c.target)
+                                for c in t.conditions
+                            ),
+                            before=compile_callbacks(t.before, where),
+                            exit=exit_[source] if t.dest is not None else (),
+                            enter=enter[t.dest] if t.dest is not None else (),
+                            after=compile_callbacks(t.after, where),
+                        )
+                    )
+                table[source] = tuple(steps)
+            triggers[trigger] = table
+    else:
+        triggers = {trigger: {} for trigger in machine.events}
+    cls._triggers = triggers
+
+    generated: dict[str, Callable[..., Any]] = {}
+    for trigger, table in triggers.items():
+        generated[trigger] = _trigger_method(cls, trigger, table)
+        generated[f"may_{trigger}"] = _may_method(cls, trigger, table)
+    for state in definition.states:
+        generated[f"is_{state}"] = _is_method(cls, state)
+    for name, method in generated.items():
+        for klass in cls.__mro__:
+            if name in vars(klass):
+                existing = vars(klass)[name]
+                if not getattr(existing, _GENERATED, False):
+                    what = "trigger" if name in triggers else "generated method"
+                    raise ValueError(
+                        f"{owner}: {what} {name!r} clashes with the attribute "
+                        f"{klass.__qualname__}.{name}"
+                    )
+                break
+        setattr(cls, name, method)
+
+
+def _describe(table: Mapping[str, tuple[Step, ...]]) -> str:
+    moves = sorted(
+        {
+            f"{s.source} -> {s.dest if s.dest is not None else s.source}"
+            for steps in table.values()
+            for s in steps
+        }
+    )
+    return "; ".join(moves) or "no transitions"
+
+
+def _trigger_method(
+    cls: type[MeteredMachine], trigger: str, table: dict[str, tuple[Step, ...]]
+) -> Callable[..., Any]:
+    fire = _engine.fire
+
+    async def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
+        return await fire(self, trigger, table, args, kwargs)
+
+    method.__name__ = trigger
+    method.__qualname__ = f"{cls.__qualname__}.{trigger}"
+    method.__doc__ = (
+        f"Fire {trigger!r} ({_describe(table)}). True if a transition ran, False if a "
+        "condition stopped it; MachineError if it is not valid in the current state."
+    )
+    setattr(method, _GENERATED, True)
+    return method
+
+
+def _may_method(
+    cls: type[MeteredMachine], trigger: str, table: dict[str, tuple[Step, ...]]
+) -> Callable[..., Any]:
+    may = _engine.may
+
+    async def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
+        return await may(self, table, args, kwargs)
+
+    method.__name__ = f"may_{trigger}"
+    method.__qualname__ = f"{cls.__qualname__}.may_{trigger}"
+    method.__doc__ = f"Whether {trigger!r} would run now (runs prepare and conditions only)."
+    setattr(method, _GENERATED, True)
+    return method
+
+
+def _is_method(cls: type[MeteredMachine], state: str) -> Callable[..., Any]:
+    def method(self: MeteredMachine) -> bool:
+        return self._state == state
+
+    method.__name__ = f"is_{state}"
+    method.__qualname__ = f"{cls.__qualname__}.is_{state}"
+    method.__doc__ = f"Whether the machine is in state {state!r}."
+    setattr(method, _GENERATED, True)
+    return method
