@@ -232,6 +232,8 @@ def change_state(machine: MeteredMachine, step: Step) -> None:
         series: Series | None = machine._series
         if series is not None:  # None: closed from one of its own callbacks
             series.child._value = dst
+            if family.mirror is not None:
+                family.mirror.moved(series.key, src, dst, step.slot, elapsed)
         machine._state = step.dest  # type: ignore[assignment]
         machine._entered = now
     timers = machine._timers
@@ -247,6 +249,8 @@ def count_internal(machine: MeteredMachine, step: Step) -> None:
     family = step.family
     with family.lock:
         family.transitions[step.slot] += 1
+        if family.mirror is not None:
+            family.mirror.counted(step.slot)
     if watchers:
         for watcher in watchers:
             watcher(machine, step.trigger, step.source, None)

@@ -23,6 +23,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from ._enum import Enum
+from ._multiprocess import family_mirror
 
 __all__ = ["DEFAULT_BUCKETS", "Family", "Series"]
 
@@ -112,6 +113,8 @@ class Family:
         # thread, or by a collection running inside a locked section): applied by the next
         # holder of the lock, before it reads or writes anything.
         self.pending: list[tuple[Series, int]] = []
+        # In multiprocess mode, every update is also written to the shared value files.
+        self.mirror = family_mirror(self)
 
     # -- names ---------------------------------------------------------------------------
 
@@ -148,6 +151,8 @@ class Family:
             series.live += 1
             series.child._value = state
             self.counts[state] += 1
+            if self.mirror is not None:
+                self.mirror.attach(key, state)
             return series
 
     def detach(self, series: Series, state: int) -> None:
@@ -169,12 +174,16 @@ class Family:
         self.counts[state] -= 1
         series.live -= 1
         key = series.key
+        removed = False
         if key is not None and series.live == 0 and self.series.get(key) is series:
+            removed = True
             del self.series[key]
             metric = self.metric
             with metric._lock:
                 if metric._metrics.get(key) is series.child:
                     del metric._metrics[key]
+        if self.mirror is not None:
+            self.mirror.detach(key, state, removed)
 
     def _drain(self) -> None:
         pending = self.pending
@@ -190,6 +199,8 @@ class Family:
                 self.errors[key] = [1.0, time.time()]
             else:
                 cell[0] += 1
+            if self.mirror is not None:
+                self.mirror.error(*key)
 
     def reset(self) -> None:
         """Zero the counters and histograms, as if the class had just been created."""
