@@ -7,6 +7,7 @@ from transitions import MachineError as MachineError
 
 from ._collector import MachineCollector as MachineCollector
 from ._enum import Enum as Enum
+from ._exposition import serve_metrics as serve_metrics
 from ._machine import MeteredMachine as MeteredMachine
 from ._machine import TransitionSpec as TransitionSpec
 
@@ -17,5 +18,6 @@ __all__ = [
     "MachineError",
     "MeteredMachine",
     "TransitionSpec",
+    "serve_metrics",
 ]
 __version__ = "0.1.0"

@@ -504,6 +504,14 @@ def _label_key(
     cls: type[MeteredMachine], family: Family, labels: Mapping[str, object] | None
 ) -> tuple[str, ...] | None:
     labelnames = family.metric._labelnames
+    if labels is None:
+        if not labelnames:
+            return None
+    elif type(labels) is dict and len(labels) == len(labelnames) and labelnames:
+        try:
+            return tuple([str(labels[name]) for name in labelnames])
+        except KeyError:
+            pass  # explained below
     given = {} if labels is None else labels
     if not isinstance(given, Mapping):
         raise TypeError(f"{cls.__qualname__}: labels must be a dict, got {labels!r}")

@@ -6,14 +6,16 @@ installs them: see .ci/run), where a missing binary is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
+import anyio
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from statemachine_metrics import Enum
+from statemachine_metrics import Enum, MachineCollector, MachineError, MeteredMachine
 from tests._prometheus import (
     INSTALL_HINT,
     cardinalities,
@@ -124,24 +126,72 @@ def test_promtool_problems_are_reported() -> None:
     assert broken.problems, broken
 
 
+def machine_registry() -> tuple[CollectorRegistry, list[MeteredMachine]]:
+    """A registry exporting labelled and unlabelled machine classes, with some history."""
+
+    class PoolWorker(
+        MeteredMachine, namespace="myapp", subsystem="jobs", labelnames=("pool",), registry=None
+    ):
+        """State of a pool's worker."""
+
+        states = ["idle", "running", "stopped"]
+        transitions = [
+            ["start", "idle", "running"],
+            ["stop", "*", "stopped"],
+            {"trigger": "check", "source": "running", "dest": None},
+        ]
+
+    class Fetch(MeteredMachine, namespace="myapp", registry=None):
+        states = ["pending", "running", "done"]
+        transitions = [["run", "pending", "running"], ["finish", "running", "done"]]
+
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(PoolWorker, Fetch))
+    machines: list[MeteredMachine] = [
+        PoolWorker(labels={"pool": "x"}),
+        PoolWorker(labels={"pool": "y"}),
+    ]
+
+    async def history() -> None:
+        x, _ = machines
+        await x.start()  # type: ignore[attr-defined]
+        await x.check()  # type: ignore[attr-defined]
+        fetch = Fetch()
+        await fetch.run()  # type: ignore[attr-defined]
+        with contextlib.suppress(MachineError):
+            await fetch.run()  # type: ignore[attr-defined]
+        machines.append(fetch)
+
+    anyio.run(history)
+    return registry, machines
+
+
+@requires_promtool
+def test_promtool_is_clean_on_machine_metrics() -> None:
+    promtool = need("promtool", PROMTOOL)
+    registry, machines = machine_registry()
+    exposition = generate_latest(registry)
+    result = check_metrics(exposition, promtool=promtool)
+    assert result.returncode == 0, result.problems
+    assert result.problems == []
+    found = cardinalities(exposition, promtool=promtool)
+    assert found["myapp_jobs_pool_worker_state"] == 6  # 3 states x 2 pools
+    assert found["myapp_jobs_pool_worker_state_machines"] == 3
+    assert found["myapp_fetch_state_errors_total"] == 1
+    assert {
+        "myapp_jobs_pool_worker_state_transitions_total",
+        "myapp_jobs_pool_worker_state_duration_seconds",
+        "myapp_fetch_state",
+    } <= set(found)
+    del machines
+
+
 @requires_prometheus
-def test_prometheus_scrapes_enum_and_counter() -> None:
+def test_prometheus_scrapes_machine_metrics() -> None:
     prometheus = need("prometheus", PROMETHEUS)
     started = time.monotonic()
-    registry = CollectorRegistry()
-    worker = Enum(
-        "worker_state",
-        "State of a worker.",
-        labelnames=["pool"],
-        namespace="myapp",
-        subsystem="jobs",
-        states=["idle", "running", "stopped"],
-        registry=registry,
-    )
-    worker.labels("x").state("running")
-    worker.labels("y")
-    done = Counter("jobs_done", "Jobs done.", namespace="myapp", registry=registry)
-    done.inc(3)
+    registry, machines = machine_registry()
+    x = machines[0]
 
     # The whole test stays well under a minute even when it fails: every wait shares one
     # deadline, and stopping the server is bounded (SIGTERM, then SIGKILL after 5 s).
@@ -155,26 +205,42 @@ def test_prometheus_scrapes_enum_and_counter() -> None:
         run_prometheus(target, prometheus=prometheus, startup_timeout=15) as prom,
     ):
         # One scrape is committed at once, so the first non-empty answer has both pools.
-        current = prom.wait_for("myapp_jobs_worker_state == 1", timeout=left())
-        assert {(s["metric"]["pool"], s["metric"]["myapp_jobs_worker_state"]) for s in current} == {
+        current = prom.wait_for("myapp_jobs_pool_worker_state == 1", timeout=left())
+        assert {
+            (s["metric"]["pool"], s["metric"]["myapp_jobs_pool_worker_state"]) for s in current
+        } == {
             ("x", "running"),
             ("y", "idle"),
         }
         assert {s["metric"]["job"] for s in current} == {prom.job}
         assert {s["metric"]["instance"] for s in current} == {target}
-        (total,) = prom.query("myapp_jobs_done_total")
-        assert float(total["value"][1]) == 3
+        ran = prom.query('myapp_jobs_pool_worker_state_transitions_total{trigger="start"}')
+        assert [float(s["value"][1]) for s in ran] == [1]
+        (internal,) = prom.query('myapp_jobs_pool_worker_state_transitions_total{trigger="check"}')
+        assert internal["metric"]["from"] == internal["metric"]["to"] == "running"
+        (errors,) = prom.query("myapp_fetch_state_errors_total")
+        assert errors["metric"]["error"] == "MachineError"
 
-        # A later scrape sees the change, and still exactly one state at 1 for each pool.
-        worker.labels("x").state("stopped")
-        done.inc()
+        # A later scrape sees the next transition, and still exactly one state at 1 per pool.
+        anyio.run(x.stop)  # type: ignore[attr-defined]
         prom.wait_for(
-            'myapp_jobs_worker_state{pool="x"} == 1',
-            until=lambda r: [s["metric"]["myapp_jobs_worker_state"] for s in r] == ["stopped"],
+            'myapp_jobs_pool_worker_state{pool="x"} == 1',
+            until=lambda r: [s["metric"]["myapp_jobs_pool_worker_state"] for s in r] == ["stopped"],
             timeout=left(),
         )
-        prom.wait_for("myapp_jobs_done_total == 4", timeout=left())
-        assert len(prom.query("myapp_jobs_worker_state == 1")) == 2
+        prom.wait_for(
+            'myapp_jobs_pool_worker_state_transitions_total{from="running",trigger="stop"} == 1',
+            timeout=left(),
+        )
+        assert len(prom.query("myapp_jobs_pool_worker_state == 1")) == 2
+        counts = prom.query("myapp_jobs_pool_worker_state_machines > 0")
+        assert {
+            s["metric"]["myapp_jobs_pool_worker_state"]: float(s["value"][1]) for s in counts
+        } == {
+            "idle": 1,
+            "stopped": 1,
+        }
 
     assert prom.process.poll() is not None, "prometheus still running after the block"
     assert time.monotonic() - started < 60
+    del machines

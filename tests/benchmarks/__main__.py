@@ -6,7 +6,7 @@ import importlib
 import platform
 import sys
 
-SUITES = ["enum"]
+SUITES = ["enum", "transition", "create", "scrape"]
 
 
 def main(argv: list[str]) -> None:

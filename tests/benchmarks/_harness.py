@@ -23,6 +23,12 @@ class Table:
     title: str
     unit: str = "µs/op"
     rows: list[Row] = field(default_factory=list)
+    following: list[Table] = field(default_factory=list)
+
+    def then(self, other: Table) -> Table:
+        """Print `other` after this table."""
+        self.following.append(other)
+        return self
 
     def add(self, name: str, seconds: float, anchor: str | None = None) -> Row:
         row = Row(name, seconds, anchor)
@@ -31,7 +37,7 @@ class Table:
 
     def render(self) -> str:
         by_name = {row.name: row for row in self.rows}
-        scale = {"µs/op": 1e6, "ms/op": 1e3, "s/op": 1.0}[self.unit]
+        scale = {"µs/op": 1e6, "ms/op": 1e3, "s/op": 1.0, "bytes": 1.0}[self.unit]
         width = max(len(row.name) for row in self.rows)
         lines = [f"## {self.title}", "", f"| case | {self.unit} | ratio |", "| --- | ---: | ---: |"]
         for row in self.rows:
@@ -39,7 +45,8 @@ class Table:
             if row.anchor is not None:
                 ratio = f"{row.seconds / by_name[row.anchor].seconds:.2f}x {row.anchor}"
             lines.append(f"| {row.name:<{width}} | {row.seconds * scale:.3f} | {ratio} |")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        return "\n".join([text, *(table.render() for table in self.following)])
 
 
 def median_time(run: Callable[[], object], operations: int, repeats: int = 7) -> float:
