@@ -13,12 +13,12 @@ import inspect
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-from transitions import MachineError
+from transitions import Machine, MachineError
 
 from ._family import Family, Series
 
@@ -52,17 +52,32 @@ class Callback:
         if func is None:
             # Resolved on the instance at each call, as transitions does with a model.
             func = getattr(machine, self.name, _MISSING)
-            if not callable(func):
-                if func is _MISSING:
-                    raise AttributeError(
-                        f"Callable with name '{self.name}' could neither be retrieved from "
-                        f"{type(machine).__name__} nor imported from a module."
-                    )
+            if func is _MISSING:
+                func = self._imported(machine)
+            elif not callable(func):
                 return func  # a property or plain attribute: its value
         return func(*args, **kwargs)
 
+    def _imported(self, machine: object) -> Callable[..., Any]:
+        # Not an attribute: a dotted path, imported once by transitions' own resolution.
+        try:
+            func = Machine.resolve_callable(self.name, cast(Any, _NoModel))
+        except AttributeError:
+            raise AttributeError(
+                f"{type(machine).__qualname__}: callback {self.name!r} is neither an attribute "
+                "of the machine nor an importable dotted path"
+            ) from None
+        self.func = func
+        return func
+
     def __repr__(self) -> str:
         return self.name
+
+
+class _NoModel:
+    """Event data whose model has no attributes, for resolving import paths."""
+
+    model = object()
 
 
 class Condition:
@@ -124,70 +139,17 @@ class Step:
         self.after = after
 
 
-def _call_all(
-    machine: object,
-    callbacks: Sequence[Callback],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> list[Awaitable[Any]] | None:
-    """Call each callback in order; return the awaitables they gave, if any."""
-    pending: list[Awaitable[Any]] | None = None
-    try:
-        for callback in callbacks:
-            result = callback(machine, args, kwargs)
-            if result is not None and inspect.isawaitable(result):
-                if pending is None:
-                    pending = [result]
-                else:
-                    pending.append(result)
-    except BaseException:
-        _discard(pending)
-        raise
-    return pending
-
-
-def _discard(pending: list[Awaitable[Any]] | None) -> None:
-    for awaitable in pending or ():
-        close = getattr(awaitable, "close", None)
-        if close is not None:
-            close()
-
-
-async def _gather(pending: list[Awaitable[Any]]) -> list[Any]:
-    """Await all, concurrently when there are several, like AsyncMachine's `gather`.
-
-    The first exception cancels the others and is raised as it is, not in a group.
-    """
-    if len(pending) == 1:
-        return [await pending[0]]
-    results: list[Any] = [None] * len(pending)
-    failure: list[BaseException] = []
-
-    async def run(i: int, awaitable: Awaitable[Any], scope: anyio.CancelScope) -> None:
-        try:
-            results[i] = await awaitable
-        except Exception as exc:
-            if not failure:
-                failure.append(exc)
-            scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        for i, awaitable in enumerate(pending):
-            group.start_soon(run, i, awaitable, group.cancel_scope)
-    if failure:
-        raise failure[0]
-    return results
-
-
 async def _callbacks(
     machine: object,
     callbacks: Sequence[Callback],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
-    pending = _call_all(machine, callbacks, args, kwargs)
-    if pending:
-        await _gather(pending)
+    """Run callbacks one after another, in list order, awaiting what they return."""
+    for callback in callbacks:
+        result = callback(machine, args, kwargs)
+        if result is not None and inspect.isawaitable(result):
+            await result
 
 
 async def _conditions(
@@ -196,22 +158,15 @@ async def _conditions(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> bool:
-    """Evaluate every condition (no short cut, as AsyncMachine); True if all pass."""
-    results: list[Any] = []
-    waiting: list[int] = []
-    try:
-        for condition in conditions:
-            result = condition.callback(machine, args, kwargs)
-            if result is not None and inspect.isawaitable(result):
-                waiting.append(len(results))
-            results.append(result)
-    except BaseException:
-        _discard([results[i] for i in waiting])
-        raise
-    if waiting:
-        for i, value in zip(waiting, await _gather([results[i] for i in waiting])):
-            results[i] = value
-    return all(result == c.target for result, c in zip(results, conditions))
+    """Evaluate every condition in order (no short cut, as AsyncMachine); True if all pass."""
+    passed = True
+    for condition in conditions:
+        result = condition.callback(machine, args, kwargs)
+        if result is not None and inspect.isawaitable(result):
+            result = await result
+        if result != condition.target:
+            passed = False
+    return passed
 
 
 def change_state(machine: MeteredMachine, step: Step) -> None:
@@ -225,12 +180,12 @@ def change_state(machine: MeteredMachine, step: Step) -> None:
         elapsed = now - machine._entered
         family.hist[src][bisect_left(family.bounds, elapsed)] += 1
         family.hist_sum[src] += elapsed
-        counts = family.counts
-        counts[src] -= 1
-        counts[dst] += 1
         family.transitions[step.slot] += 1
         series: Series | None = machine._series
-        if series is not None:  # None: closed from one of its own callbacks
+        if series is not None:  # None: closed by one of its own callbacks, and uncounted
+            counts = family.counts
+            counts[src] -= 1
+            counts[dst] += 1
             series.child._value = dst
             if family.mirror is not None:
                 family.mirror.moved(series.key, src, dst, step.slot, elapsed)
@@ -387,6 +342,8 @@ async def may(
     kwargs: dict[str, Any],
 ) -> bool:
     """Whether the trigger would run now: `prepare` and the conditions, nothing else."""
+    if machine._series is None:
+        raise RuntimeError(f"{type(machine).__name__} machine is closed; triggers need a live one")
     for step in table.get(machine._state, ()):
         if step.prepare:
             await _callbacks(machine, step.prepare, args, kwargs)

@@ -39,6 +39,14 @@ _DEFINITION_ATTRIBUTES = ("transitions", "initial", "auto_transitions", "ignore_
 _GENERATED = "__statemachine_metrics_generated__"
 
 
+def _inherited_family(cls: type[MeteredMachine]) -> Family | None:
+    for base in cls.__mro__[1:]:
+        if "_family" in vars(base):
+            family: Family | None = vars(base)["_family"]
+            return family
+    return None
+
+
 def _snake_case(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
@@ -168,6 +176,10 @@ class _Definition:
         trigger = spec["trigger"]
         if not isinstance(trigger, str) or not trigger.isidentifier():
             raise ValueError(f"{where}: trigger must be a Python identifier, got {trigger!r}")
+        if hasattr(MeteredMachine, trigger):
+            raise ValueError(
+                f"{where}: trigger {trigger!r} clashes with the attribute MeteredMachine.{trigger}"
+            )
         return {key: copy.copy(value) for key, value in spec.items()}
 
 
@@ -181,7 +193,7 @@ def _metric_for(cls: type[MeteredMachine], options: Mapping[str, Any], labelname
     if documentation is None:
         doc = cls.__dict__.get("__doc__")
         lines = inspect.cleandoc(doc).splitlines() if doc else []
-        documentation = lines[0] if lines and lines[0] else f"State of {owner}"
+        documentation = lines[0] if lines and lines[0] else f"State of {cls.__name__}"
     namespace = options.get("namespace", "")
     subsystem = options.get("subsystem", "")
     full = "_".join(part for part in (namespace, subsystem, name) if part)
@@ -196,7 +208,7 @@ def _metric_for(cls: type[MeteredMachine], options: Mapping[str, Any], labelname
     for label in labelnames:
         if not isinstance(label, str) or not _LABEL_NAME.match(label) or label.startswith("__"):
             raise ValueError(f"{owner}: invalid label name {label!r}")
-        if label == full:
+        if label in (full, name):
             raise ValueError(
                 f"{owner}: label name {label!r} is the state label (the metric's own name)"
             )
@@ -303,20 +315,26 @@ class MeteredMachine:
                 raise TypeError(f"{owner}: class keywords need states to describe")
             cls._family = None
             return
-        elif abstract:
+        elif abstract != parent.abstract:
+            # A template's subclass is concrete unless it says otherwise, and vice versa.
             cls._definition = copy.copy(parent)
-            cls._definition.abstract = True
+            cls._definition.abstract = abstract
         definition = cls._definition
         assert definition is not None
 
         keywords_given = bool(options or labelnames) or registry is not REGISTRY
-        needs_family = declares or keywords_given or cls._family is None or parent.abstract  # type: ignore[union-attr]
-        if definition.abstract:
-            cls._family = None
-        elif needs_family:
-            buckets = check_buckets(owner, cls.duration_buckets)
-            cls.metric = _metric_for(cls, options, labelnames)
-            cls._family = Family(owner, cls.metric, buckets, definition.transition_labels)
+        family = None
+        if not definition.abstract:
+            if declares or keywords_given or cls._family is None:
+                buckets = check_buckets(owner, cls.duration_buckets)
+                cls.metric = _metric_for(cls, options, labelnames)
+                family = Family(cls.__name__, cls.metric, buckets, definition.transition_labels)
+            else:
+                family = cls._family
+        cls._family = family
+        _compile(cls, definition)
+        _tasks.check_timeouts(cls)
+        if family is not None and family is not _inherited_family(cls):
             if registry is not None:
                 try:
                     registry.register(MachineCollector(cls))
@@ -325,8 +343,6 @@ class MeteredMachine:
                         f"{owner}: its metric names are taken in its registry ({exc})"
                     ) from None
             remember(cls)
-        _compile(cls, definition)
-        _tasks.check_timeouts(cls)
 
     # -- instances -----------------------------------------------------------------------
 
@@ -589,12 +605,23 @@ def _compile(cls: type[MeteredMachine], definition: _Definition) -> None:
         triggers = {trigger: {} for trigger in machine.events}
     cls._triggers = triggers
 
-    generated: dict[str, Callable[..., Any]] = {}
-    for trigger, table in triggers.items():
-        generated[trigger] = _trigger_method(cls, trigger, table)
-        generated[f"may_{trigger}"] = _may_method(cls, trigger, table)
+    generated: dict[str, Any] = {}
+
     for state in definition.states:
         generated[f"is_{state}"] = _is_method(cls, state)
+    for trigger, table in triggers.items():
+        generated[f"may_{trigger}"] = _may_method(cls, trigger, table)
+    for trigger, table in triggers.items():
+        if trigger in generated:
+            raise ValueError(
+                f"{owner}: trigger {trigger!r} clashes with the generated method {trigger!r}"
+            )
+        generated[trigger] = _trigger_method(cls, trigger, table)
+    # What a parent generated for its own definition must not reach this class's machines.
+    for klass in cls.__mro__[1:]:
+        for name, value in vars(klass).items():
+            if getattr(value, _GENERATED, False) and name not in generated:
+                generated[name] = _Absent(name)
     for name, method in generated.items():
         for klass in cls.__mro__:
             if name in vars(klass):
@@ -607,6 +634,18 @@ def _compile(cls: type[MeteredMachine], definition: _Definition) -> None:
                     )
                 break
         setattr(cls, name, method)
+
+
+class _Absent:
+    """Hides a parent's generated method from a subclass with its own definition."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        setattr(self, _GENERATED, True)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        cls = owner if owner is not None else type(instance)
+        raise AttributeError(f"{cls.__qualname__} has no trigger or state method {self.name!r}")
 
 
 def _describe(table: Mapping[str, tuple[Step, ...]]) -> str:
