@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MeteredMachine", "TransitionSpec"]
 
-# Strict (pre-UTF-8) Prometheus names, so that every exposition passes promtool.
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+# Strict (pre-UTF-8) Prometheus names, so that every exposition passes promtool; the state
+# label is the metric's own name, so a metric name must be a valid label name too.
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TRANSITION_FIELDS = ("trigger", "source", "dest", "conditions", "unless", "before", "after")
 _TRANSITION_KEYS = frozenset((*_TRANSITION_FIELDS, "prepare"))
@@ -131,15 +131,18 @@ class _Definition:
 
         auto_transitions = bool(getattr(cls, "auto_transitions", False))
         ignore = getattr(cls, "ignore_invalid_triggers", None)
-        self.machine = Machine(
-            model=None,
-            states=configs,
-            initial=initial,
-            transitions=transitions,
-            auto_transitions=auto_transitions,
-            ignore_invalid_triggers=ignore,
-            name=owner,
-        )
+        try:
+            self.machine = Machine(
+                model=None,
+                states=configs,
+                initial=initial,
+                transitions=transitions,
+                auto_transitions=auto_transitions,
+                ignore_invalid_triggers=ignore,
+                name=owner,
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise type(exc)(f"{owner}: {exc}") from None
         machine_states = self.machine.states
         self.ignore_invalid = frozenset(
             name for name in states if machine_states[name].ignore_invalid_triggers

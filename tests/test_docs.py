@@ -29,3 +29,19 @@ def test_page_code_runs(page: Path) -> None:
         finally:
             for collector in set(REGISTRY._collector_to_names) - before:
                 REGISTRY.unregister(collector)
+
+
+def test_readme_example_prints_what_it_shows(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    (code,) = BLOCK.findall(readme)
+    shown = re.search(r"```text\n(.*?)```", readme, re.DOTALL)
+    assert shown is not None
+    before = set(REGISTRY._collector_to_names)
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    finally:
+        for collector in set(REGISTRY._collector_to_names) - before:
+            REGISTRY.unregister(collector)
+    printed = capsys.readouterr().out
+    for line in shown.group(1).splitlines():
+        assert line in printed
