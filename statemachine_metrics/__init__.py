@@ -10,6 +10,7 @@ from ._enum import Enum as Enum
 from ._exposition import serve_metrics as serve_metrics
 from ._machine import MeteredMachine as MeteredMachine
 from ._machine import TransitionSpec as TransitionSpec
+from ._taskmachine import TaskMachine as TaskMachine
 
 __all__ = [
     "REGISTRY",
@@ -17,6 +18,7 @@ __all__ = [
     "MachineCollector",
     "MachineError",
     "MeteredMachine",
+    "TaskMachine",
     "TransitionSpec",
     "serve_metrics",
 ]

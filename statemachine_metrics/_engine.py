@@ -245,13 +245,20 @@ async def fire(
     table: dict[str, tuple[Step, ...]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    still: Callable[[], bool] | None = None,
 ) -> bool:
-    """Run `trigger` on `machine` in its turn; see `MeteredMachine` for the semantics."""
+    """Run `trigger` on `machine` in its turn; see `MeteredMachine` for the semantics.
+
+    `still`, if given, is asked once the turn is ours; False fires nothing and returns
+    False (a timer whose state was left while it waited for the turn).
+    """
     series = machine._series
     if series is None:
         raise RuntimeError(f"{type(machine).__name__} machine is closed; triggers need a live one")
     owner = machine._owner
     if owner is not None and owner in _held.get():
+        if still is not None and not still():
+            return False
         return await _run_checked(machine, trigger, table, args, kwargs)
     if owner is None:
         token = machine._owner = object()
@@ -259,6 +266,8 @@ async def fire(
         token = await _wait_turn(machine)
     held = _held.set((*_held.get(), token))
     try:
+        if still is not None and not still():
+            return False
         return await _run_checked(machine, trigger, table, args, kwargs)
     finally:
         _held.reset(held)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import anyio
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from transitions import Machine
 
@@ -426,7 +427,8 @@ class MeteredMachine:
         try:
             await _tasks.exit(self)
         finally:
-            await self.aclose()
+            with anyio.CancelScope(shield=True):  # an outer cancellation must not skip it
+                await self.aclose()
 
     def track(
         self,
