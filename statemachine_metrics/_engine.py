@@ -195,7 +195,7 @@ def change_state(machine: MeteredMachine, step: Step) -> None:
     if timers is not None:
         timers.moved(step.dest)
     if watchers:
-        for watcher in watchers:
+        for watcher in tuple(watchers):
             watcher(machine, step.trigger, step.source, step.dest)
 
 
@@ -207,7 +207,7 @@ def count_internal(machine: MeteredMachine, step: Step) -> None:
         if family.mirror is not None:
             family.mirror.counted(step.slot)
     if watchers:
-        for watcher in watchers:
+        for watcher in tuple(watchers):
             watcher(machine, step.trigger, step.source, None)
 
 
