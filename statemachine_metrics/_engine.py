@@ -189,6 +189,9 @@ def change_state(machine: MeteredMachine, step: Step) -> None:
             series.child._value = dst
             if family.mirror is not None:
                 family.mirror.moved(series.key, src, dst, step.slot, elapsed)
+        elif family.mirror is not None:
+            family.mirror.counted(step.slot)
+            family.mirror.observed(src, elapsed)
         machine._state = step.dest  # type: ignore[assignment]
         machine._entered = now
     timers = machine._timers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -10,12 +10,15 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.samples import Sample
 
+from . import _multiprocess
+from ._multiprocess import EnumFiles, StateFile
+
 __all__ = ["Enum"]
 
 _E = TypeVar("_E", bound="Enum")
 
 # Attributes a labelled child must not share with its parent through the class.
-_PER_INSTANCE = frozenset({"_lock", "_metrics", "_value", "_labelvalues", "_child_type"})
+_PER_INSTANCE = frozenset({"_lock", "_metrics", "_value", "_labelvalues", "_child_type", "_file"})
 
 
 class Enum(MetricWrapperBase):
@@ -50,6 +53,10 @@ class Enum(MetricWrapperBase):
     _value: int
     _metrics: dict[tuple[str, ...], Enum]  # type: ignore[assignment]
     _child_type: type[Enum] | None
+    # Multiprocess mode only: the metric's series in this process's value files, and the
+    # series of this (unlabelled or child) metric. None otherwise.
+    _files: EnumFiles | None = None
+    _file: StateFile | None = None
 
     def __init__(
         self,
@@ -89,6 +96,12 @@ class Enum(MetricWrapperBase):
         if self._name in labelnames:
             raise ValueError(f"Overlapping labels for Enum metric: {self._name}")
         self._kwargs["states"] = list(states)
+        # An instance attribute, so that `state()` checks it at the cost of a plain load.
+        self._file = None
+        if _multiprocess.enabled() and not self._labelvalues:
+            self._files = EnumFiles(self._name, self._documentation, labelnames, states)
+            if not labelnames:
+                self._file = self._files.file(())
         if registry is not None and not self._labelvalues:
             registry.register(self)
 
@@ -110,6 +123,17 @@ class Enum(MetricWrapperBase):
                 f"{state!r} is not a state of Enum {self._name}; "
                 f"states are {', '.join(self._states)}"
             ) from None
+        file = self._file
+        if file is not None:
+            self._write_file(file)
+
+    def _write_file(self, file: StateFile) -> None:
+        """Multiprocess mode: show the current state in this process's value file."""
+        files = self._files
+        assert files is not None
+        with files.lock:
+            # Read under the lock, so that the file ends with the last state set.
+            file.show(self._value)
 
     def labels(self: _E, *labelvalues: Any, **labelkwargs: Any) -> _E:
         """Return the child for the given label values, creating it on first use.
@@ -153,14 +177,84 @@ class Enum(MetricWrapperBase):
         child_type = self._child_type
         if child_type is None:
             shared = {k: v for k, v in vars(self).items() if k not in _PER_INSTANCE}
-            shared["__slots__"] = ("_labelvalues", "_value")
+            slots = ("_labelvalues", "_value")
+            shared["__slots__"] = slots if self._files is None else (*slots, "_file")
             shared["__module__"] = type(self).__module__
             shared["__qualname__"] = type(self).__qualname__
             child_type = self._child_type = type(type(self).__name__, (type(self),), shared)
         child = object.__new__(child_type)
         child._labelvalues = key
         child._value = 0
+        files = self._files
+        if files is not None:
+            child._file = files.file(key)
         return child
+
+    def remove(self, *labelvalues: Any) -> None:
+        """Remove the series of the given label values (errors as in prometheus_client).
+
+        In multiprocess mode the series stays in this process's value file with every
+        state at 0, until the process is marked dead.
+        """
+        if self._files is None:
+            super().remove(*labelvalues)
+            return
+        if not self._labelnames:
+            raise ValueError(f"No label names were set when constructing {self}")
+        if len(labelvalues) != len(self._labelnames):
+            raise ValueError(
+                f"Incorrect label count (expected {len(self._labelnames)}, got {labelvalues})"
+            )
+        key = tuple(str(v) for v in labelvalues)
+        self._forget(lambda k: k == key)
+
+    def remove_by_labels(self, labels: dict[str, str]) -> None:
+        """Remove every series whose label values include `labels`.
+
+        In multiprocess mode, removed series stay in this process's value file with every
+        state at 0, until the process is marked dead.
+        """
+        if self._files is None:
+            super().remove_by_labels(labels)
+            return
+        if not self._labelnames:
+            raise ValueError(f"No label names were set when constructing {self}")
+        if not isinstance(labels, dict):
+            raise TypeError("labels must be a dict of {label_name: label_value}")
+        if not labels:
+            return
+        invalid = [k for k in labels if k not in self._labelnames]
+        if invalid:
+            raise ValueError(f"Unknown label names: {invalid}; expected {self._labelnames}")
+        wanted = [(self._labelnames.index(k), str(v)) for k, v in labels.items()]
+        self._forget(lambda k: all(k[i] == v for i, v in wanted))
+
+    def clear(self) -> None:
+        """Remove every series.
+
+        In multiprocess mode, removed series stay in this process's value file with every
+        state at 0, until the process is marked dead.
+        """
+        if self._files is None:
+            super().clear()
+            return
+        if self._labelnames:
+            self._forget(lambda k: True)
+
+    def _forget(self, match: Callable[[tuple[str, ...]], bool]) -> None:
+        """Multiprocess mode: drop the matching children and zero their series in the file.
+
+        prometheus_client warns that it cannot remove label sets in this mode, and leaves
+        their last values; we cannot delete the entries either, but we can make sure that a
+        removed series shows no state.
+        """
+        files = self._files
+        assert files is not None
+        with self._lock:
+            for key in [k for k in self._metrics if match(k)]:
+                child = self._metrics.pop(key)
+                child._file = None  # a child still held elsewhere no longer writes
+                files.hide(key)
 
     def collect(self) -> Iterable[Metric]:
         return [self._exposed(self._snapshot())]

@@ -91,6 +91,10 @@ class Family:
     ) -> None:
         states = metric._states
         self.owner = owner
+        self.machines_help = f"Live {owner} machines in each state"
+        self.transitions_help = f"Transitions of {owner} machines that ran"
+        self.duration_help = f"Time {owner} machines spent in a state, observed when they leave it"
+        self.errors_help = f"Triggers of {owner} machines that raised, by exception class"
         self.metric = metric
         self.name = metric._name
         self.states = states
@@ -210,6 +214,8 @@ class Family:
             self.hist_sum = [0.0] * len(self.states)
             self.errors = {}
             self.created = time.time()
+            if self.mirror is not None:
+                self.mirror.reset()
 
     # -- exposition ----------------------------------------------------------------------
 
@@ -235,18 +241,15 @@ class Family:
             hist_sum = list(self.hist_sum)
             errors = [(key, cell[0], cell[1]) for key, cell in self.errors.items()]
             created = self.created
-        owner = self.owner
         state_label = [self.name]
 
-        machines = GaugeMetricFamily(
-            self.machines_name, f"Live {owner} machines in each state", labels=state_label
-        )
+        machines = GaugeMetricFamily(self.machines_name, self.machines_help, labels=state_label)
         for state, count in zip(self.states, counts):
             machines.add_metric((state,), count)
 
         ran = CounterMetricFamily(
             self.transitions_name,
-            f"Transitions of {owner} machines that ran",
+            self.transitions_help,
             labels=("from", "to", "trigger"),
         )
         for labels, value in zip(self.transition_labels, transitions):
@@ -254,7 +257,7 @@ class Family:
 
         duration = HistogramMetricFamily(
             self.duration_name,
-            f"Time {owner} machines spent in a state, observed when they leave it",
+            self.duration_help,
             labels=state_label,
         )
         for state, row, total in zip(self.states, hist, hist_sum):
@@ -270,7 +273,7 @@ class Family:
 
         failed = CounterMetricFamily(
             self.errors_name,
-            f"Triggers of {owner} machines that raised, by exception class",
+            self.errors_help,
             labels=("trigger", "error"),
         )
         for (trigger, error), times, first in errors:
