@@ -37,7 +37,8 @@ class Enum(MetricWrapperBase):
         name: metric name; the full name is ``namespace_subsystem_name``.
         documentation: the help text.
         labelnames: label names; the metric's own full name is not allowed among them.
-        namespace, subsystem: optional name prefixes.
+        namespace: optional prefix of the name.
+        subsystem: optional middle part of the name.
         unit: must be empty (a stateset has no unit).
         registry: where to register; ``None`` skips registration.
         states: the non-empty list of states; the first one is the initial state.

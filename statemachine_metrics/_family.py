@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from prometheus_client import metrics
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -194,6 +195,13 @@ class Family:
         while pending:
             self._detach(*pending.pop())
 
+    def live_counts(self) -> list[int]:
+        """Live machines in each state, indexed like the states."""
+        with self.lock:
+            if self.pending:
+                self._drain()
+            return list(self.counts)
+
     def error(self, trigger: str, error: BaseException) -> None:
         """Count a trigger that raised."""
         key = (trigger, type(error).__name__)
@@ -240,8 +248,10 @@ class Family:
             hist = [list(row) for row in self.hist]
             hist_sum = list(self.hist_sum)
             errors = [(key, cell[0], cell[1]) for key, cell in self.errors.items()]
-            created = self.created
+            created: float | None = self.created
         state_label = [self.name]
+        if not metrics._use_created:  # disable_created_metrics(), or its variable
+            created = None
 
         machines = GaugeMetricFamily(self.machines_name, self.machines_help, labels=state_label)
         for state, count in zip(self.states, counts):
@@ -267,9 +277,10 @@ class Family:
                 cumulative += count
                 buckets.append((name, cumulative))
             duration.add_metric((state,), buckets, total)
-            duration.samples.append(
-                Sample(f"{self.duration_name}_created", {self.name: state}, created, None, None)
-            )
+            if created is not None:
+                duration.samples.append(
+                    Sample(f"{self.duration_name}_created", {self.name: state}, created, None, None)
+                )
 
         failed = CounterMetricFamily(
             self.errors_name,
@@ -277,6 +288,6 @@ class Family:
             labels=("trigger", "error"),
         )
         for (trigger, error), times, first in errors:
-            failed.add_metric((trigger, error), times, created=first)
+            failed.add_metric((trigger, error), times, created=first if created else None)
 
         return [metric._exposed(enum), machines, ran, duration, failed]

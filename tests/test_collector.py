@@ -317,3 +317,17 @@ async def test_serve_metrics_serves_and_stops_with_its_task() -> None:
     with pytest.raises(OSError, match="refused"):
         await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=1))
     del machine
+
+
+def test_created_series_follow_prometheus_client_switch() -> None:
+    import prometheus_client
+
+    machine = Worker(labels={"worker": "created"})
+    registry = registry_of(Worker)
+    assert b"_created" in generate_latest(registry)
+    prometheus_client.disable_created_metrics()
+    try:
+        assert b"_created" not in generate_latest(registry)
+    finally:
+        prometheus_client.enable_created_metrics()
+    del machine
