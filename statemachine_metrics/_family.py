@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from operator import itemgetter
 
 from prometheus_client import metrics
 from prometheus_client.metrics_core import (
@@ -100,6 +101,9 @@ class Family:
         self.name = metric._name
         self.states = states
         self.labelled = bool(metric._labelnames)
+        self.label_count = len(metric._labelnames)
+        # Picks a machine's label values out of its labels dict, in label order.
+        self.pick = itemgetter(*metric._labelnames) if self.labelled else None
         self.lock = threading.Lock()
         self.counts = [0] * len(states)
         self.transition_labels = tuple(transitions)

@@ -528,11 +528,13 @@ def _label_key(
     if labels is None:
         if not labelnames:
             return None
-    elif type(labels) is dict and len(labels) == len(labelnames) and labelnames:
+    elif type(labels) is dict and len(labels) == family.label_count and family.pick:
         try:
-            return tuple([str(labels[name]) for name in labelnames])
+            picked = family.pick(labels)
         except KeyError:
             pass  # explained below
+        else:
+            return (str(picked),) if family.label_count == 1 else tuple(map(str, picked))
     given = {} if labels is None else labels
     if not isinstance(given, Mapping):
         raise TypeError(f"{cls.__qualname__}: labels must be a dict, got {labels!r}")
