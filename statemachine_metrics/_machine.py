@@ -33,8 +33,18 @@ __all__ = ["MeteredMachine", "TransitionSpec"]
 # Strict (pre-UTF-8) Prometheus names, so that every exposition passes promtool; the state
 # label is the metric's own name, so a metric name must be a valid label name too.
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_TRANSITION_FIELDS = ("trigger", "source", "dest", "conditions", "unless", "before", "after")
-_TRANSITION_KEYS = frozenset((*_TRANSITION_FIELDS, "prepare"))
+# The order of transitions' add_transition() arguments, for transitions given as lists.
+_TRANSITION_FIELDS = (
+    "trigger",
+    "source",
+    "dest",
+    "conditions",
+    "unless",
+    "before",
+    "after",
+    "prepare",
+)
+_TRANSITION_KEYS = frozenset(_TRANSITION_FIELDS)
 _STATE_KEYS = frozenset(("name", "on_enter", "on_exit", "ignore_invalid_triggers"))
 _DEFINITION_ATTRIBUTES = ("transitions", "initial", "auto_transitions", "ignore_invalid_triggers")
 _GENERATED = "__statemachine_metrics_generated__"
@@ -121,7 +131,7 @@ class _Definition:
             for field in ("source", "dest"):
                 values = _listify(spec[field]) if field == "source" else [spec[field]]
                 for value in values:
-                    if value in states or (field == "source" and value == "*"):
+                    if value in states or (field == "source" and spec["source"] == "*"):
                         continue
                     if field == "dest" and value in ("=", None):
                         continue
@@ -164,7 +174,7 @@ class _Definition:
             if unknown:
                 raise ValueError(
                     f"{where}: unknown key(s) {', '.join(unknown)}; "
-                    f"a transition takes {', '.join(_TRANSITION_FIELDS)}, prepare"
+                    f"a transition takes {', '.join(_TRANSITION_FIELDS)}"
                 )
             missing = [key for key in ("trigger", "source", "dest") if key not in entry]
             if missing:

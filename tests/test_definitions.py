@@ -135,7 +135,7 @@ BAD_BODIES = [
         id="transition-too-short",
     ),
     pytest.param(
-        _transitions(["start", "idle", "running", None, None, None, None, None]),
+        _transitions(["start", "idle", "running", None, None, None, None, None, None]),
         TypeError,
         "Bad.transitions[0]: expected [trigger, source, dest]",
         id="transition-too-long",
@@ -847,3 +847,22 @@ def test_subclass_with_labelnames_gets_its_own_labelled_metric() -> None:
     with pytest.raises(ValueError, match="labels"):
         Parent(labels={"worker": "w1"})
     del child
+
+
+def test_wildcard_inside_a_source_list_fails_naming_the_entry() -> None:
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Bad.transitions[0]: unknown source state '*'; states are idle"),
+    ):
+        define({"states": STATES, "transitions": [["start", ["*", "idle"], "running"]]})
+
+
+def test_list_transition_takes_prepare_in_eighth_place() -> None:
+    cls = define(
+        {
+            "states": STATES,
+            "transitions": [["start", "idle", "running", None, None, None, None, "ready"]],
+            "ready": lambda self: None,
+        }
+    )
+    assert cls.transition_table() == (("start", "idle", "running"),)

@@ -1,0 +1,622 @@
+"""`MeteredMachine` against transitions' `AsyncMachine`, the reference for what a trigger does.
+
+Hypothesis draws a machine definition and a sequence of calls. The definition is compiled
+twice: as a `MeteredMachine` subclass (``registry=None``), and as an `AsyncMachine` over a
+plain model object carrying the same methods. The calls run on the reference first, under
+`asyncio.run` (`AsyncMachine` only runs on asyncio), which gives the expected trace; the
+same calls are then replayed on our machine under each anyio backend (asyncio and trio),
+comparing after every call.
+
+What the definitions contain:
+
+- 2 to 6 states, as names or as state dicts with ``on_enter``/``on_exit`` (a name or a
+  list), plus ``on_enter_<state>``/``on_exit_<state>`` methods, sync or async; an optional
+  ``initial``;
+- transitions as ``[trigger, source, dest, conditions, unless, before, after]`` lists (3 to
+  7 items) and as dicts (with ``prepare``): sources as names, lists and ``"*"``; dests as
+  names, ``"="`` (reflexive) and ``None`` (internal); several transitions for one trigger
+  and source (the first whose conditions pass wins);
+- ``conditions`` and ``unless`` naming sync and async methods, and plain attributes, whose
+  results (True, False, 1, 0, None, "yes") come from a per-example table indexed by the
+  trigger's arguments; ``prepare``/``before``/``after`` and state callbacks, sync and async,
+  some raising an exception (again as the table says for the arguments). Every callback
+  and condition method logs its name and arguments.
+
+What runs: trigger methods with positional and keyword arguments, ``trigger(name)`` with
+known and unknown names, ``may_<trigger>()``, in states where they are valid or not.
+
+What is compared after each call: the return value or the exception (type; message equal,
+or equal after our ``"<ClassName>: "`` prefix), the state, ``is_<state>()``, the callback
+log, and the metrics: the class's `Enum` (1 exactly for the current state), and through
+`MachineCollector`: ``_machines`` (1 for the current state), ``_transitions_total`` per
+(from, to, trigger), the ``_duration_seconds`` count per state left, and ``_errors_total``
+per (trigger, exception class). The expected counts are taken from the reference: a
+transition counts once its state change happens (internal ones once their ``before``
+callbacks are done, with to == from), so one whose ``on_enter`` or ``after`` raises counts
+too; every trigger call that raises counts an error, including `MachineError`, while
+``may_<trigger>()`` and unknown names given to ``trigger()`` count none.
+
+Known, intended differences (docs/machines.md), not tested here:
+
+- concurrent triggers of one machine are serialized instead of cancelling each other;
+- cancellation propagates instead of making the trigger return False;
+- our `MachineError` and unknown-trigger messages start with the class name
+  (``"Diff: Can't trigger event t0 from state s1!"``);
+- the callbacks of one list (and the conditions plus unless of one transition) run in
+  turn, each awaited before the next starts, where `AsyncMachine` starts them in the same
+  order as tasks that overlap through `asyncio.gather`. So a coroutine that suspends
+  before it logs finishes before the next callback starts, and an exception stops the
+  list where it is (`AsyncMachine` still runs the callbacks after it).
+
+So that the comparison stays exact, a generated list (or conditions plus unless) holds at
+most one callback that suspends before logging or may raise, and only in the last place.
+Async callbacks that log before suspending can come anywhere, several in one list: their
+order is the same on both sides, under asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from transitions import MachineError
+from transitions.extensions.asyncio import AsyncMachine
+
+from statemachine_metrics import MachineCollector, MeteredMachine
+
+# -- callbacks shared by both sides ----------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+class Bust(Exception):
+    pass
+
+
+class Crash(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a generated method does besides logging its call."""
+
+    is_async: bool = False
+    late_log: bool = False  # async: log after the first checkpoint rather than before
+    error: type[Exception] | None = None  # raised for the argument keys the table says
+
+
+PLAIN = Behaviour()
+ASYNC = Behaviour(is_async=True)
+
+#: Callbacks for prepare/before/after/on_enter/on_exit lists, anywhere in a list.
+PLAIN_CALLBACKS = ("p0", "p1", "p2", "a0")
+#: Callbacks that may only come last in a list (see the module docstring).
+SPECIAL_CALLBACKS = ("a1", "r0", "r1", "ar0")
+#: Conditions: methods returning table values, and plain attributes.
+PLAIN_CONDITIONS = ("c0", "c1", "c2", "ac0", "k0", "k1")
+SPECIAL_CONDITIONS = ("ac1", "rc0", "arc0")
+CONSTANTS = ("k0", "k1")
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "p0": PLAIN,
+    "p1": PLAIN,
+    "p2": PLAIN,
+    "a0": ASYNC,
+    "a1": Behaviour(is_async=True, late_log=True),
+    "r0": Behaviour(error=ValueError),
+    "r1": Behaviour(error=Boom),
+    "ar0": Behaviour(is_async=True, error=Crash),
+    "c0": PLAIN,
+    "c1": PLAIN,
+    "c2": PLAIN,
+    "ac0": ASYNC,
+    "ac1": Behaviour(is_async=True, late_log=True),
+    "rc0": Behaviour(error=Bust),
+    "arc0": Behaviour(is_async=True, late_log=True, error=Boom),
+}
+DYNAMIC_BEHAVIOURS = (
+    PLAIN,
+    ASYNC,
+    Behaviour(is_async=True, late_log=True),
+    Behaviour(error=Bust),
+    Behaviour(is_async=True, error=Crash),
+)
+CONDITION_NAMES = ("c0", "c1", "c2", "ac0", "ac1", "rc0", "arc0")
+RESULTS = (True, False, 1, 0, None, "yes")
+#: Drawn for the tables: passing values more often, so that transitions run.
+DRAWN_RESULTS = (True, True, False, False, *RESULTS)
+DRAWN_RAISES = (False, False, False, True)
+ARG_KEYS = 3
+
+Entry = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+def arg_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Which column of the tables a call reads: a function of the trigger's arguments."""
+    return int(sum(args) + 2 * sum(kwargs.values()) + len(kwargs)) % ARG_KEYS
+
+
+class Op(NamedTuple):
+    kind: str  # "fire" (the trigger method), "trigger" (by name) or "may"
+    name: str
+    args: tuple[int, ...]
+    kwargs: dict[str, int]
+
+
+@dataclass
+class Case:
+    states: list[Any]
+    transitions: list[Any]
+    initial: str | None
+    dynamic: dict[str, Behaviour]  # on_enter_<state> / on_exit_<state> methods
+    constants: dict[str, object]
+    results: dict[str, tuple[object, ...]]  # condition results, per argument key
+    raises: dict[str, tuple[bool, ...]]  # whether a raising method raises, per argument key
+    ops: list[Op]
+
+    @property
+    def state_names(self) -> list[str]:
+        return [s if isinstance(s, str) else s["name"] for s in self.states]
+
+    @property
+    def triggers(self) -> list[str]:
+        names = (t[0] if isinstance(t, list) else t["trigger"] for t in self.transitions)
+        return list(dict.fromkeys(names))
+
+
+def make_method(name: str, behaviour: Behaviour, case: Case, log: list[Entry]) -> Any:
+    results = case.results.get(name)
+    raises = case.raises.get(name)
+    error = behaviour.error
+
+    def outcome(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+        key = arg_key(args, kwargs)
+        if error is not None and raises is not None and raises[key]:
+            raise error(f"{name} raised for key {key}")
+        return None if results is None else results[key]
+
+    if behaviour.is_async:
+
+        async def async_method(self: object, *args: Any, **kwargs: Any) -> object:
+            if not behaviour.late_log:
+                log.append((name, args, kwargs))
+            await anyio.lowlevel.checkpoint()
+            if behaviour.late_log:
+                log.append((name, args, kwargs))
+            return outcome(args, kwargs)
+
+        async_method.__name__ = name
+        return async_method
+
+    def method(self: object, *args: Any, **kwargs: Any) -> object:
+        log.append((name, args, kwargs))
+        return outcome(args, kwargs)
+
+    method.__name__ = name
+    return method
+
+
+def namespace(case: Case, log: list[Entry]) -> dict[str, Any]:
+    """The methods and attributes that both the model and our class carry."""
+    ns: dict[str, Any] = dict(case.constants)
+    for name, behaviour in {**BEHAVIOURS, **case.dynamic}.items():
+        ns[name] = make_method(name, behaviour, case, log)
+    return ns
+
+
+# -- generating cases --------------------------------------------------------------------------
+
+
+def _field(draw: st.DrawFn, names: list[str]) -> str | list[str]:
+    """A callback field as transitions takes it: a single name or a list."""
+    if len(names) == 1 and draw(st.booleans()):
+        return names[0]
+    return names
+
+
+@st.composite
+def callback_lists(draw: st.DrawFn) -> list[str]:
+    names = draw(st.lists(st.sampled_from(PLAIN_CALLBACKS), max_size=3))
+    special = draw(st.sampled_from((None,) * 10 + SPECIAL_CALLBACKS))
+    return names if special is None else [*names, special]
+
+
+@st.composite
+def condition_lists(draw: st.DrawFn) -> tuple[list[str], list[str]]:
+    """`conditions` and `unless`: transitions checks them as one list, conditions first."""
+    # Few of them, or hardly any transition would pass.
+    count = draw(st.sampled_from((0, 0, 0, 1, 1, 2)))
+    conditions: list[str] = []
+    unless: list[str] = []
+    for _ in range(count):
+        name = draw(st.sampled_from(PLAIN_CONDITIONS))
+        (conditions if draw(st.booleans()) else unless).append(name)
+    special = draw(st.sampled_from((None,) * 8 + SPECIAL_CONDITIONS))
+    if special is not None:
+        if bool(unless) or draw(st.booleans()):
+            unless.append(special)
+        else:
+            conditions.append(special)
+    return conditions, unless
+
+
+@st.composite
+def transitions_of(
+    draw: st.DrawFn, names: list[str], triggers: list[str]
+) -> list[Any] | dict[str, Any]:
+    trigger = draw(st.sampled_from(triggers))
+    state = st.sampled_from(names)
+    shape = draw(st.sampled_from(("name", "name", "list", "*")))
+    source: str | list[str]
+    if shape == "name":
+        source = draw(state)
+    elif shape == "list":
+        source = draw(st.lists(state, min_size=1, max_size=3))
+    else:
+        source = "*"
+    # Mostly moves to another state: reflexive and internal ones come up often anyway.
+    others = [name for name in names if name != source]
+    dest = draw(st.sampled_from((*others, *others, *names, "=", None)))
+    conditions, unless = draw(condition_lists())
+    fields: dict[str, list[str]] = {
+        "conditions": conditions,
+        "unless": unless,
+        "before": draw(callback_lists()),
+        "after": draw(callback_lists()),
+        "prepare": draw(callback_lists()),
+    }
+    if not fields["prepare"] and draw(st.booleans()):
+        # List form: positional fields up to the last one given, None for the gaps.
+        positional = ("conditions", "unless", "before", "after")
+        used = [i for i, key in enumerate(positional) if fields[key]]
+        entry: list[Any] = [trigger, source, dest]
+        for key in positional[: used[-1] + 1 if used else draw(st.integers(0, 4))]:
+            entry.append(_field(draw, fields[key]) if fields[key] else None)
+        return entry
+    spec: dict[str, Any] = {"trigger": trigger, "source": source, "dest": dest}
+    for key, value in fields.items():
+        if value:
+            spec[key] = _field(draw, value)
+    return spec
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    names = [f"s{i}" for i in range(draw(st.integers(2, 6)))]
+    dynamic: dict[str, Behaviour] = {}
+    states: list[Any] = []
+    for name in names:
+        entry: dict[str, Any] = {"name": name}
+        as_dict = draw(st.booleans())
+        for kind in ("on_enter", "on_exit"):
+            listed = draw(callback_lists()) if as_dict else []
+            if listed or (as_dict and draw(st.booleans())):
+                entry[kind] = _field(draw, listed) if listed else []
+            # The <kind>_<state> method comes after the listed ones: never after a special.
+            last_is_special = bool(listed) and listed[-1] in SPECIAL_CALLBACKS
+            if not last_is_special and draw(st.booleans()):
+                dynamic[f"{kind}_{name}"] = draw(st.sampled_from(DYNAMIC_BEHAVIOURS))
+        states.append(entry if as_dict else name)
+    triggers = [f"t{i}" for i in range(draw(st.integers(1, 4)))]
+    transitions = draw(st.lists(transitions_of(names, triggers), min_size=1, max_size=10))
+    initial = draw(st.none() | st.sampled_from(names))
+    results: dict[str, tuple[object, ...]] = {
+        name: tuple(draw(st.sampled_from(DRAWN_RESULTS)) for _ in range(ARG_KEYS))
+        for name in CONDITION_NAMES
+    }
+    raising = [name for name, b in {**BEHAVIOURS, **dynamic}.items() if b.error is not None]
+    raises = {
+        name: tuple(draw(st.sampled_from(DRAWN_RAISES)) for _ in range(ARG_KEYS))
+        for name in raising
+    }
+    constants: dict[str, object] = {name: draw(st.sampled_from(RESULTS)) for name in CONSTANTS}
+    case = Case(states, transitions, initial, dynamic, constants, results, raises, ops=[])
+    defined = case.triggers
+    args = st.lists(st.integers(0, 2), max_size=2).map(tuple)
+    kwargs = st.dictionaries(st.sampled_from(["x", "y"]), st.integers(0, 2), max_size=2)
+
+    def op(kind: str) -> st.SearchStrategy[Op]:
+        names = [*defined, "nope"] if kind == "trigger" else defined
+        return st.builds(Op, st.just(kind), st.sampled_from(names), args, kwargs)
+
+    ops = st.sampled_from(("fire", "fire", "fire", "trigger", "may")).flatmap(op)
+    case.ops = draw(st.lists(ops, min_size=3, max_size=20))
+    return case
+
+
+# -- running both sides ------------------------------------------------------------------------
+
+
+class Returned(NamedTuple):
+    value: object
+
+
+class Raised(NamedTuple):
+    type: type[Exception]
+    args: tuple[Any, ...]
+
+
+Outcome = Returned | Raised
+
+
+class Observation(NamedTuple):
+    """The reference's state of things after one call."""
+
+    outcome: Outcome
+    state: str
+    log: list[Entry]
+    transitions: dict[tuple[str, str, str], int]
+    left: dict[str, int]
+    errors: dict[tuple[str, str], int]
+
+
+async def perform(machine: Any, op: Op) -> Outcome:
+    try:
+        if op.kind == "fire":
+            result = await getattr(machine, op.name)(*op.args, **op.kwargs)
+        elif op.kind == "trigger":
+            result = await machine.trigger(op.name, *op.args, **op.kwargs)
+        else:
+            result = await getattr(machine, f"may_{op.name}")(*op.args, **op.kwargs)
+    except Exception as exc:
+        return Raised(type(exc), exc.args)
+    return Returned(result)
+
+
+class Reference(AsyncMachine):
+    """`AsyncMachine` noting where our metrics count a transition; behaviour unchanged."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.counted: Counter[tuple[str, str, str]] = Counter()
+        self.left: Counter[str] = Counter()
+        self.firing = ""
+        self.recording = False
+        super().__init__(**kwargs)
+
+    def set_state(self, state: Any, model: Any = None) -> None:
+        if self.recording:
+            source = model.state
+            dest = state if isinstance(state, str) else state.name
+            self.counted[(source, dest, self.firing)] += 1
+            self.left[source] += 1
+        super().set_state(state, model)
+
+    async def callbacks(self, funcs: Any, event_data: Any) -> None:  # type: ignore[override]
+        transition = event_data.transition
+        if transition is not None and transition.dest is None and funcs is transition.after:
+            # An internal transition has passed its `before` callbacks: it ran.
+            source = transition.source
+            self.counted[(source, source, event_data.event.name)] += 1
+        await super().callbacks(funcs, event_data)
+
+
+async def run_reference(case: Case) -> tuple[str, list[Observation]]:
+    log: list[Entry] = []
+    model: Any = type("Model", (), namespace(case, log))()
+    machine = Reference(
+        model=model,
+        states=copy.deepcopy(case.states),
+        transitions=copy.deepcopy(case.transitions),
+        initial=case.initial or case.state_names[0],
+        auto_transitions=False,
+    )
+    initial = model.state
+    machine.recording = True
+    triggers = set(case.triggers)
+    errors: Counter[tuple[str, str]] = Counter()
+    trace = []
+    for op in case.ops:
+        machine.firing = op.name
+        outcome = await perform(model, op)
+        if isinstance(outcome, Raised) and op.kind != "may" and op.name in triggers:
+            errors[(op.name, outcome.type.__name__)] += 1
+        trace.append(
+            Observation(
+                outcome,
+                model.state,
+                list(log),
+                dict(machine.counted),
+                dict(machine.left),
+                dict(errors),
+            )
+        )
+    return initial, trace
+
+
+def assert_same_outcome(cls: type, ours: Outcome, expected: Outcome) -> None:
+    if isinstance(expected, Returned):
+        assert isinstance(ours, Returned), f"ours raised {ours}, the reference returned"
+        assert type(ours.value) is type(expected.value)
+        assert ours.value == expected.value
+        return
+    assert isinstance(ours, Raised), f"ours returned {ours}, the reference raised {expected}"
+    assert issubclass(ours.type, expected.type), (ours, expected)
+    if ours.args != expected.args:
+        # MachineError and the unknown-trigger AttributeError name our class first.
+        assert issubclass(expected.type, (MachineError, AttributeError)), (ours, expected)
+        assert ours.args == (f"{cls.__name__}: {expected.args[0]}",)
+
+
+def assert_metrics(cls: Any, state: str, expected: Observation | None) -> None:
+    enum_name, machines, transitions, duration, errors = cls.metric_names()
+    states = cls.state_names()
+    current = {s: (1.0 if s == state else 0.0) for s in states}
+
+    (family,) = cls.metric.collect()
+    assert {s.labels[enum_name]: s.value for s in family.samples} == current
+
+    samples = [s for f in MachineCollector(cls).collect() for s in f.samples]
+
+    def values(name: str, *labels: str) -> dict[Any, float]:
+        found = {}
+        for s in samples:
+            if s.name == name:
+                key = tuple(s.labels[label] for label in labels)
+                found[key[0] if len(key) == 1 else key] = s.value
+        return found
+
+    assert values(enum_name, enum_name) == current
+    assert values(machines, enum_name) == current
+    ran = {k: v for k, v in values(transitions, "from", "to", "trigger").items() if v}
+    left = {k: v for k, v in values(f"{duration}_count", enum_name).items() if v}
+    raised = values(errors, "trigger", "error")
+    if expected is None:
+        assert ran == left == raised == {}
+    else:
+        assert ran == expected.transitions
+        assert left == expected.left
+        assert raised == expected.errors
+
+
+async def replay(case: Case, initial: str, trace: list[Observation]) -> None:
+    log: list[Entry] = []
+    ns = namespace(case, log)
+    ns["states"] = copy.deepcopy(case.states)
+    ns["transitions"] = copy.deepcopy(case.transitions)
+    if case.initial is not None:
+        ns["initial"] = case.initial
+    cls: Any = type("Diff", (MeteredMachine,), ns, registry=None)
+    machine = cls()
+    assert machine.state == initial
+    assert_metrics(cls, initial, None)
+    for i, (op, expected) in enumerate(zip(case.ops, trace)):
+        outcome = await perform(machine, op)
+        where = f"after ops[{i}] = {op}"
+        assert_same_outcome(cls, outcome, expected.outcome)
+        assert machine.state == expected.state, where
+        for state in case.state_names:
+            assert getattr(machine, f"is_{state}")() == (state == expected.state), where
+        assert log == expected.log, where
+        assert_metrics(cls, expected.state, expected)
+
+
+def check(case: Case, backend: str) -> None:
+    initial, trace = asyncio.run(run_reference(case))
+    anyio.run(replay, case, initial, trace, backend=backend)
+
+
+# -- the tests -----------------------------------------------------------------------------------
+
+_EVERYTHING = Case(
+    states=[
+        "s0",
+        {"name": "s1", "on_enter": ["p0", "a0"], "on_exit": "p1"},
+        {"name": "s2", "on_enter": []},
+    ],
+    transitions=[
+        ["t0", "*", "s1", "c0", None, ["p1", "r0"]],
+        {"trigger": "t0", "source": "s0", "dest": "s2", "prepare": "p2", "after": ["p0", "ar0"]},
+        {"trigger": "t1", "source": ["s1", "s2"], "dest": "=", "unless": ["c1", "arc0"]},
+        {"trigger": "t2", "source": "*", "dest": None, "conditions": ["k0", "ac1"], "after": "a1"},
+    ],
+    initial=None,
+    dynamic={"on_enter_s2": DYNAMIC_BEHAVIOURS[4], "on_exit_s0": ASYNC, "on_exit_s1": PLAIN},
+    constants={"k0": True, "k1": "yes"},
+    results={
+        "c0": (False, True, 1),
+        "c1": (None, 0, False),
+        "ac1": (True, 1, "yes"),
+        "arc0": (False, False, False),
+    },
+    raises={
+        "r0": (False, True, False),
+        "ar0": (True, False, False),
+        "arc0": (False, False, True),
+        "on_enter_s2": (False, False, True),
+    },
+    ops=[
+        Op("may", "t1", (), {}),
+        Op("fire", "t0", (), {}),
+        Op("trigger", "t2", (1,), {}),
+        Op("fire", "t1", (), {"x": 0}),
+        Op("trigger", "nope", (), {}),
+        Op("fire", "t0", (1,), {}),
+        Op("fire", "t1", (2,), {}),
+        Op("fire", "t0", (0,), {"x": 1, "y": 2}),
+        Op("may", "t2", (2,), {"y": 1}),
+        Op("fire", "t2", (), {"y": 2}),
+    ],
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cases())
+@example(case=_EVERYTHING)
+def test_behaves_like_async_machine(anyio_backend: str, case: Case) -> None:
+    check(case, anyio_backend)
+
+
+def _two_callbacks(**transition: Any) -> Case:
+    return Case(
+        states=["s0", "s1"],
+        transitions=[{"trigger": "go", "source": "s0", "dest": "s1", **transition}],
+        initial=None,
+        dynamic={},
+        constants={},
+        results=dict.fromkeys(CONDITION_NAMES, (True,) * ARG_KEYS),
+        raises=dict.fromkeys(("r0", "rc0"), (True,) * ARG_KEYS),
+        ops=[Op("fire", "go", (), {})],
+    )
+
+
+@pytest.mark.parametrize(
+    "transition",
+    [
+        {"after": ["a0", "p0"]},
+        {"before": ["p0", "a0", "a0", "p1"], "after": ["a0", "a1"]},
+        {"prepare": ["a0", "p2"], "conditions": ["ac0", "c0"], "unless": ["ac0", "ac1"]},
+    ],
+    ids=["after", "before", "prepare-conditions"],
+)
+def test_async_callbacks_start_in_list_order(
+    anyio_backend: str, transition: dict[str, Any]
+) -> None:
+    case = _two_callbacks(**transition)
+    case.results["ac1"] = (False,) * ARG_KEYS
+    check(case, anyio_backend)
+
+
+def _log_of_ours(case: Case, backend: str) -> list[Entry]:
+    log: list[Entry] = []
+    ns = {**namespace(case, log), "states": case.states, "transitions": case.transitions}
+    cls: Any = type("Diff", (MeteredMachine,), ns, registry=None)
+
+    async def run() -> None:
+        machine = cls()
+        for op in case.ops:
+            await perform(machine, op)
+
+    anyio.run(run, backend=backend)
+    return log
+
+
+@pytest.mark.parametrize(
+    "transition",
+    [{"before": ["r0", "p0"]}, {"conditions": ["rc0", "c0"]}],
+    ids=["callbacks", "conditions"],
+)
+def test_documented_difference_an_exception_stops_the_list(
+    anyio_backend: str, transition: dict[str, Any]
+) -> None:
+    """AsyncMachine runs the rest of a list after a callback raised; ours stops there."""
+    case = _two_callbacks(**transition)
+    _, trace = asyncio.run(run_reference(case))
+    assert isinstance(trace[0].outcome, Raised)
+    names = [entry[0] for entry in trace[0].log]
+    assert len(names) == 2
+    assert [entry[0] for entry in _log_of_ours(case, anyio_backend)] == names[:1]
