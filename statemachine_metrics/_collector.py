@@ -43,7 +43,7 @@ class MachineCollector(Collector):
     including ones created later, holding them weakly. Each class contributes its `Enum`
     and the derived metrics (``_machines``, ``_transitions_total``, ``_duration_seconds``,
     ``_errors_total``). A collector never emits two families with one name: where two
-    classes share a metric name, the older one is exported.
+    classes' metrics share a name, the older class is exported.
 
         registry = CollectorRegistry()
         registry.register(MachineCollector(Worker))
@@ -74,8 +74,9 @@ class MachineCollector(Collector):
         families = all_families() if self._families is None else self._families
         seen: set[str] = set()
         for family in families:
-            if family.name not in seen:
-                seen.add(family.name)
+            names = family.exposed_names
+            if seen.isdisjoint(names):
+                seen.update(names)
                 yield family
 
     def describe(self) -> Iterable[Metric]:

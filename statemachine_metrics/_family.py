@@ -7,6 +7,7 @@ consistent snapshot. Names and label sets are computed once, when the class is c
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -157,6 +158,10 @@ class Family:
                 series = self.series.get(key)
                 if series is None:
                     series = self.series[key] = Series(self.metric._child(key), key)
+                elif self.metric._metrics.get(key) is not series.child:
+                    # Removed from the Enum (remove(), clear()) while machines were bound
+                    # to it: a new machine brings the series back, for them all.
+                    series.child = self.metric._child(key)
             series.live += 1
             series.child._value = state
             self.counts[state] += 1
@@ -230,6 +235,20 @@ class Family:
                 self.mirror.reset()
 
     # -- exposition ----------------------------------------------------------------------
+
+    @functools.cached_property
+    def exposed_names(self) -> frozenset[str]:
+        """Every sample name the family may expose, suffixes included, as a registry sees
+        them: two families sharing one cannot be exported together."""
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_sum", "_count", "_created"),
+        }
+        return frozenset(
+            name
+            for metric in self.describe()
+            for name in (metric.name, *(metric.name + s for s in suffixes.get(metric.type, ())))
+        )
 
     def describe(self) -> list[Metric]:
         return [

@@ -48,6 +48,9 @@ _TRANSITION_KEYS = frozenset(_TRANSITION_FIELDS)
 _STATE_KEYS = frozenset(("name", "on_enter", "on_exit", "ignore_invalid_triggers"))
 _DEFINITION_ATTRIBUTES = ("transitions", "initial", "auto_transitions", "ignore_invalid_triggers")
 _GENERATED = "__statemachine_metrics_generated__"
+_KEYWORDS = frozenset(
+    ("name", "documentation", "labelnames", "namespace", "subsystem", "unit", "registry")
+)
 
 
 def _inherited_family(cls: type[MeteredMachine]) -> Family | None:
@@ -202,7 +205,11 @@ def _metric_for(cls: type[MeteredMachine], options: Mapping[str, Any], labelname
     unit = options.get("unit", "")
     if unit:
         raise ValueError(f"{owner}: unit={unit!r} is not allowed; a state metric has no unit")
-    name = options.get("name") or f"{_snake_case(cls.__name__)}_state"
+    name = options.get("name")
+    if name is None:
+        name = f"{_snake_case(cls.__name__)}_state"
+    elif not isinstance(name, str) or not name:
+        raise ValueError(f"{owner}: name must be a non-empty string, got {name!r}")
     documentation = options.get("documentation")
     if documentation is None:
         doc = cls.__dict__.get("__doc__")
@@ -299,20 +306,23 @@ class MeteredMachine:
     _index: ClassVar[dict[str, int]] = {}
     _triggers: ClassVar[dict[str, dict[str, tuple[Step, ...]]]] = {}
     _ignore_invalid: ClassVar[frozenset[str]] = frozenset()
+    _keywords: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(
-        cls,
-        *,
-        abstract: bool = False,
-        labelnames: Sequence[str] = (),
-        registry: CollectorRegistry | None = REGISTRY,
-        **options: Any,
-    ) -> None:
+    def __init_subclass__(cls, *, abstract: bool = False, **options: Any) -> None:
         super().__init_subclass__()
         owner = cls.__qualname__
-        unknown = sorted(set(options) - {"name", "documentation", "namespace", "subsystem", "unit"})
+        unknown = sorted(set(options) - _KEYWORDS)
         if unknown:
-            raise TypeError(f"{owner}: unknown class keyword(s) {', '.join(unknown)}")
+            raise TypeError(
+                f"{owner}: unknown class keyword(s) {', '.join(unknown)}; "
+                f"the keywords are {', '.join(sorted(_KEYWORDS))} and abstract"
+            )
+        # A class's keywords are defaults for its subclasses (a base class may carry the
+        # namespace and labelnames), except its own name and documentation.
+        merged = {**cls._keywords, **options}
+        cls._keywords = {k: v for k, v in merged.items() if k not in ("name", "documentation")}
+        labelnames = merged.get("labelnames", ())
+        registry: CollectorRegistry | None = merged.get("registry", REGISTRY)
         declares = "states" in cls.__dict__
         if not declares:
             redefined = [a for a in _DEFINITION_ATTRIBUTES if a in cls.__dict__]
@@ -325,9 +335,7 @@ class MeteredMachine:
         if declares:
             cls._definition = _Definition(cls, abstract)
         elif parent is None:
-            if options or labelnames or abstract:
-                raise TypeError(f"{owner}: class keywords need states to describe")
-            cls._family = None
+            cls._family = None  # abstract: its keywords wait for a subclass with states
             return
         elif abstract != parent.abstract:
             # A template's subclass is concrete unless it says otherwise, and vice versa.
@@ -336,12 +344,12 @@ class MeteredMachine:
         definition = cls._definition
         assert definition is not None
 
-        keywords_given = bool(options or labelnames) or registry is not REGISTRY
+        keywords_given = bool(options)
         family = None
         if not definition.abstract:
             if declares or keywords_given or cls._family is None:
                 buckets = check_buckets(owner, cls.duration_buckets)
-                cls.metric = _metric_for(cls, options, labelnames)
+                cls.metric = _metric_for(cls, merged, labelnames)
                 family = Family(cls.__name__, cls.metric, buckets, definition.transition_labels)
             else:
                 family = cls._family

@@ -289,8 +289,13 @@ async def test_scrapes_in_another_thread_see_consistent_machines() -> None:
     thread.start()
     try:
         with anyio.fail_after(30):
+            rounds = 0
             while scrapes < 30:
-                machines = [Worker(labels={"worker": str(i)}) for i in range(300)]
+                # Label sets unique to a round: a machine of the last round may outlive it
+                # (the loop variable below), and two machines sharing a label set are one
+                # series but two counts.
+                rounds += 1
+                machines = [Worker(labels={"worker": f"{rounds}-{i}"}) for i in range(300)]
                 for machine in machines:
                     await machine.start()
                 for machine in machines[::2]:
@@ -331,3 +336,33 @@ def test_created_series_follow_prometheus_client_switch() -> None:
     finally:
         prometheus_client.enable_created_metrics()
     del machine
+
+
+def test_collector_skips_a_class_whose_derived_names_are_taken() -> None:
+    class First(MeteredMachine, registry=None, name="coll_dup"):
+        states = ["a", "b"]
+
+    class Second(MeteredMachine, registry=None, name="coll_dup_machines"):
+        states = ["m"]
+
+    for collector in (MachineCollector(First, Second), MachineCollector()):
+        names = [family.name for family in collector.collect()]
+        assert names.count("coll_dup_machines") == 1
+        assert "coll_dup" in names
+    registry = registry_of(First, Second)
+    assert generate_latest(registry).decode().count("# TYPE coll_dup_machines gauge") == 1
+
+
+async def test_a_cleared_label_set_comes_back_with_a_new_machine() -> None:
+    registry = registry_of(Worker)
+    first = Worker(labels={"worker": "cleared"})
+    Worker.metric.clear()
+    labels = {"worker": "cleared", "coll_worker_state": "idle"}
+    assert registry.get_sample_value("coll_worker_state", labels) is None
+    second = Worker(labels={"worker": "cleared"})
+    assert registry.get_sample_value("coll_worker_state", labels) == 1
+    await first.start()  # machines bound to the label set share the series again
+    running = {"worker": "cleared", "coll_worker_state": "running"}
+    assert registry.get_sample_value("coll_worker_state", running) == 1
+    del first, second
+    assert registry.get_sample_value("coll_worker_state", running) is None

@@ -424,11 +424,6 @@ def test_subclass_declaring_initial_without_states_fails() -> None:
         define({"initial": "running"}, cls_name="Child", bases=(parent,))
 
 
-def test_class_keywords_without_states_fail() -> None:
-    with pytest.raises(TypeError, match=re.escape("Bad: class keywords need states")):
-        define({}, namespace="myapp")
-
-
 def test_metric_names_taken_in_the_registry_fail() -> None:
     registry = CollectorRegistry()
     define(cls_name="Job", registry=registry)
@@ -866,3 +861,30 @@ def test_list_transition_takes_prepare_in_eighth_place() -> None:
         }
     )
     assert cls.transition_table() == (("start", "idle", "running"),)
+
+
+def test_a_base_class_without_states_passes_its_keywords_down() -> None:
+    registry = CollectorRegistry()
+
+    class Base(MeteredMachine, namespace="myapp", labelnames=("worker",), registry=registry):
+        pass
+
+    class Pooled(Base):
+        states = ["idle", "running"]
+
+    class Named(Base, name="custom_state", subsystem="pool"):
+        states = ["idle"]
+
+    with pytest.raises(TypeError, match="abstract"):
+        Base()
+    assert Pooled.metric_names()[0] == "myapp_pooled_state"
+    assert Named.metric_names()[0] == "myapp_pool_custom_state"
+    machine = Pooled(labels={"worker": "w1"})
+    labels = {"worker": "w1", "myapp_pooled_state": "idle"}
+    assert registry.get_sample_value("myapp_pooled_state", labels) == 1
+    del machine
+
+
+def test_an_empty_metric_name_fails() -> None:
+    with pytest.raises(ValueError, match=re.escape("Bad: name must be a non-empty string")):
+        define(name="")
