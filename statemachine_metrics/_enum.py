@@ -68,8 +68,8 @@ class Enum(MetricWrapperBase):
         subsystem: str = "",
         unit: str = "",
         registry: CollectorRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
         states: Sequence[str] | None = None,
+        _labelvalues: Sequence[str] | None = None,
     ) -> None:
         labelnames = tuple(labelnames)
         if name in labelnames:

@@ -274,3 +274,22 @@ def test_state_is_thread_safe_under_concurrent_scrapes() -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert not problems
+
+
+def test_signature_is_the_documented_one() -> None:
+    import inspect
+
+    parameters = list(inspect.signature(Enum).parameters.values())
+    assert [p.name for p in parameters[:8]] == [
+        "name",
+        "documentation",
+        "labelnames",
+        "namespace",
+        "subsystem",
+        "unit",
+        "registry",
+        "states",
+    ]
+    assert parameters[6].default is REGISTRY
+    e = Enum("positional", "d", (), "", "", "", None, ["a", "b"])
+    assert e._states == ("a", "b")
