@@ -694,24 +694,28 @@ async def test_concurrent_triggers_on_separate_machines_interleave() -> None:
 # -- cancellation -----------------------------------------------------------------------------
 
 
+# ``go`` a -> b with a callback named after each phase; ``back`` returns.
+EVERY_PHASE = [
+    {
+        "trigger": "go",
+        "source": "a",
+        "dest": "b",
+        "prepare": "prepare",
+        "conditions": "condition",
+        "before": "before",
+        "after": "after",
+    },
+    ["back", "b", "a"],
+]
+
+
 def blocking_class() -> type[MeteredMachine]:
     """``go`` a -> b with an async callback in every phase; ``block`` names the phase that
     stops (on an Event, ``gate``) until released or cancelled."""
 
     class Blocking(MeteredMachine, registry=None, labelnames=("id",)):
         states = ["a", "b"]
-        transitions = [
-            {
-                "trigger": "go",
-                "source": "a",
-                "dest": "b",
-                "prepare": "prepare",
-                "conditions": "condition",
-                "before": "before",
-                "after": "after",
-            },
-            ["back", "b", "a"],
-        ]
+        transitions = EVERY_PHASE
 
         def __init__(self, block: str | None = None) -> None:
             super().__init__(labels={"id": "1"})
@@ -880,18 +884,7 @@ def fragile_class(asynchronous: bool) -> type[MeteredMachine]:
 
     class Fragile(MeteredMachine, registry=None, labelnames=("id",)):
         states = ["a", "b"]
-        transitions = [
-            {
-                "trigger": "go",
-                "source": "a",
-                "dest": "b",
-                "prepare": "prepare",
-                "conditions": "condition",
-                "before": "before",
-                "after": "after",
-            },
-            ["back", "b", "a"],
-        ]
+        transitions = EVERY_PHASE
 
         def __init__(self, fail: str | None) -> None:
             super().__init__(labels={"id": "1"})
