@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from transitions import Machine
 
+from . import _nesting
 from ._enum import Enum
 
 if TYPE_CHECKING:
@@ -73,6 +74,12 @@ class Definition:
             raise TypeError(f"{owner}.states must be a list of state names or dicts")
         if not raw_states:
             raise ValueError(f"{owner}.states is empty; a machine needs at least one state")
+        # Every state -> the states that count as in it (itself, and any nested in it).
+        self.substates: dict[str, frozenset[str]]
+        self.tree: _nesting.Tree | None = None
+        if _nesting.is_nested(raw_states):
+            _nesting.define(self, cls, reserved, self._transition)
+            return
         states: list[str] = []
         configs: list[str | dict[str, Any]] = []
         for i, entry in enumerate(raw_states):
@@ -149,6 +156,7 @@ class Definition:
                     dest = transition.dest if transition.dest is not None else source
                     labels[(source, dest, trigger)] = None
         self.transition_labels = tuple(labels)
+        self.substates = {state: frozenset((state,)) for state in states}
 
     @staticmethod
     def _transition(where: str, entry: Any, reserved: Container[str]) -> dict[str, Any]:
