@@ -11,6 +11,7 @@ from ._exposition import serve_metrics as serve_metrics
 from ._machine import MeteredMachine as MeteredMachine
 from ._machine import TransitionSpec as TransitionSpec
 from ._taskmachine import TaskMachine as TaskMachine
+from ._trigger import Trigger as Trigger
 
 __all__ = [
     "REGISTRY",
@@ -20,6 +21,7 @@ __all__ = [
     "MeteredMachine",
     "TaskMachine",
     "TransitionSpec",
+    "Trigger",
     "serve_metrics",
 ]
 __version__ = "0.1.0"
