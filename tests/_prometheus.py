@@ -26,19 +26,24 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 __all__ = [
+    "IN_CI",
     "PrometheusServer",
     "PromtoolResult",
     "cardinalities",
     "check_metrics",
+    "check_rules",
     "find_prometheus",
     "find_promtool",
     "free_port",
     "run_prometheus",
     "serve_registry",
+    "unit_test_rules",
 ]
 
 LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "Debian/Ubuntu: apt-get install prometheus"
+#: Whether the environment variable CI is set: there a missing binary is a failure.
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 # A direct opener: a proxy from the environment (http_proxy) must not see loopback traffic.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -128,6 +133,44 @@ def cardinalities(exposition: bytes, *, promtool: str | None = None) -> dict[str
     return table
 
 
+def _promtool(
+    args: list[str], directory: Path, promtool: str | None, timeout: float
+) -> PromtoolResult:
+    binary = promtool or find_promtool()
+    if binary is None:
+        raise FileNotFoundError(f"promtool not found on PATH ({INSTALL_HINT})")
+    done = subprocess.run(
+        [binary, *args], cwd=directory, capture_output=True, timeout=timeout, check=False
+    )
+    return PromtoolResult(
+        done.returncode,
+        done.stdout.decode("utf-8", "replace"),
+        done.stderr.decode("utf-8", "replace"),
+    )
+
+
+def check_rules(
+    rules: str, *, promtool: str | None = None, timeout: float = 30.0
+) -> PromtoolResult:
+    """Run `promtool check rules` on the text of a rule file."""
+    with tempfile.TemporaryDirectory(prefix="sm-promtool-") as tmp:
+        (Path(tmp) / "rules.yml").write_text(rules)
+        return _promtool(["check", "rules", "rules.yml"], Path(tmp), promtool, timeout)
+
+
+def unit_test_rules(
+    rules: str, tests: str, *, promtool: str | None = None, timeout: float = 60.0
+) -> PromtoolResult:
+    """Run `promtool test rules` on unit tests (YAML) of a rule file given as text.
+
+    The tests' ``rule_files`` must name ``rules.yml``, where `rules` is written.
+    """
+    with tempfile.TemporaryDirectory(prefix="sm-promtool-") as tmp:
+        (Path(tmp) / "rules.yml").write_text(rules)
+        (Path(tmp) / "tests.yml").write_text(tests)
+        return _promtool(["test", "rules", "tests.yml"], Path(tmp), promtool, timeout)
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving a registry
 
@@ -159,14 +202,16 @@ def serve_registry(registry: CollectorRegistry) -> Iterator[str]:
 # A Prometheus server
 
 
-def _config(target: str, job: str) -> str:
+def _config(target: str, job: str, rule_files: list[str]) -> str:
     # scrape_timeout must not exceed scrape_interval, so set both explicitly.
+    rules = "".join(f"  - {json.dumps(path)}\n" for path in rule_files)
     return (
         "global:\n"
         "  scrape_interval: 1s\n"
         "  scrape_timeout: 1s\n"
         "  evaluation_interval: 1s\n"
-        "scrape_configs:\n"
+        + (f"rule_files:\n{rules}" if rules else "")
+        + "scrape_configs:\n"
         f"  - job_name: {json.dumps(job)}\n"
         "    static_configs:\n"
         f"      - targets: [{json.dumps(target)}]\n"
@@ -224,6 +269,23 @@ class PrometheusServer:
         if data["resultType"] != "vector":
             raise AssertionError(f"query {promql!r} is not an instant vector: {data}")
         return list(data["result"])
+
+    def alerts(self, *, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The alerts through /api/v1/alerts: pending and firing, with labels, state,
+        annotations and value."""
+        body = _get_json(f"{self.url}/api/v1/alerts", timeout)
+        if body.get("status") != "success":
+            raise AssertionError(f"/api/v1/alerts failed: {body}")
+        return list(body["data"]["alerts"])
+
+    def rule_health(self, *, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every loaded rule through /api/v1/rules: name, health and last error."""
+        body = _get_json(f"{self.url}/api/v1/rules", timeout)
+        return [
+            {k: rule.get(k) for k in ("name", "health", "lastError")}
+            for group in body["data"]["groups"]
+            for rule in group["rules"]
+        ]
 
     def targets(self, *, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The active scrape targets with their health and last error."""
@@ -309,12 +371,14 @@ def run_prometheus(
     job: str = "statemachine_metrics",
     prometheus: str | None = None,
     startup_timeout: float = 20.0,
+    rules: str | None = None,
 ) -> Iterator[PrometheusServer]:
     """Run a Prometheus server on a free loopback port, scraping `target` every second.
 
-    `target` is ``127.0.0.1:PORT`` (see `serve_registry`). Config, TSDB and log live in a
-    temporary directory removed on exit; the server is stopped (and killed if need be) on
-    exit, including when the body raises.
+    `target` is ``127.0.0.1:PORT`` (see `serve_registry`). `rules` is the text of a rule
+    file to load, evaluated every second. Config, TSDB and log live in a temporary
+    directory removed on exit; the server is stopped (and killed if need be) on exit,
+    including when the body raises.
     """
     _check_loopback(target)
     binary = prometheus or find_prometheus()
@@ -326,7 +390,11 @@ def run_prometheus(
     with tempfile.TemporaryDirectory(prefix="sm-prometheus-") as tmp:
         directory = Path(tmp)
         config = directory / "prometheus.yml"
-        config.write_text(_config(target, job))
+        rule_files = []
+        if rules is not None:
+            (directory / "rules.yml").write_text(rules)
+            rule_files.append(str(directory / "rules.yml"))
+        config.write_text(_config(target, job, rule_files))
         # The port is picked before the server binds it; if another process takes it in
         # between, the server exits at once and the next attempt uses another port.
         for attempt in range(3):
