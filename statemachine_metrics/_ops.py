@@ -275,6 +275,15 @@ def _alert(
     return rule
 
 
+def _text(value: str) -> str:
+    """`value` as literal text of an annotation, which Prometheus reads as a Go template.
+
+    The alert's own labels are not in the template's ``$labels`` (those are the series'),
+    so states and triggers are written in; a ``{{`` in them must not open an action.
+    """
+    return value.replace("{{", '{{ "{{" }}')
+
+
 def _alerts(m: MachineMetrics, options: RuleOptions) -> list[dict[str, Any]]:
     cls, where = m.cls_name, "{{ $labels.instance }}"
     alerts = []
@@ -284,8 +293,8 @@ def _alerts(m: MachineMetrics, options: RuleOptions) -> list[dict[str, Any]]:
                 f"{cls}Stuck",
                 f"{m.oldest}{m.in_state(state)} > {_number(limit)}",
                 {"state": state},
-                f"A {cls} machine is stuck in state {{{{ $labels.state }}}}",
-                f"A {cls} machine on {where} has been in state {{{{ $labels.state }}}} for "
+                f"A {cls} machine is stuck in state {_text(state)}",
+                f"A {cls} machine on {where} has been in state {_text(state)} for "
                 f"{{{{ $value | humanizeDuration }}}}, longer than its limit of "
                 f"{_human(limit)} ({cls}.stuck_after).",
                 options,
@@ -298,12 +307,12 @@ def _alerts(m: MachineMetrics, options: RuleOptions) -> list[dict[str, Any]]:
                 f"{cls}TimeoutNotFired",
                 f"{m.oldest}{m.in_state(state)} > {_number(limit)}",
                 {"state": state, "trigger": trigger},
-                f"A {cls} timeout did not move a machine out of state {{{{ $labels.state }}}}",
-                f"A {cls} machine on {where} has been in state {{{{ $labels.state }}}} for "
+                f"A {cls} timeout did not move a machine out of state {_text(state)}",
+                f"A {cls} machine on {where} has been in state {_text(state)} for "
                 f"{{{{ $value | humanizeDuration }}}}, though its timeout fires "
-                f"{{{{ $labels.trigger }}}} after {_human(seconds)}. Timers run only while "
-                f"the machine is entered (async with), and a trigger that raises or whose "
-                f"condition fails leaves the machine where it is.",
+                f"{trigger} after {_human(seconds)}. Timers run only while the machine is "
+                "entered (async with), and a trigger that raises or whose condition fails "
+                "leaves the machine where it is.",
                 options,
             )
         )
@@ -445,7 +454,7 @@ def _block_safe(text: str) -> bool:
 
 GRAFANA_INSTALL_HINT = (
     "dashboards are built with grafana-foundation-sdk, from the grafana extra: "
-    "pip install 'statemachine-metrics[grafana]'"
+    "pip install 'statemachine-metrics[grafana]' (Python 3.11 or later)"
 )
 
 #: Dashboard variables the queries use, which Grafana fills in before running them.

@@ -200,7 +200,7 @@ def test_rules_groups_and_alerts(machines_module: Any, capsys: pytest.CaptureFix
     assert (
         "longer than its limit of 1d (Uploader.stuck_after)" in stuck["annotations"]["description"]
     )
-    assert "{{ $labels.state }}" in stuck["annotations"]["summary"]
+    assert stuck["annotations"]["summary"] == "A Uploader machine is stuck in state in review"
     timer = alerts["UploaderTimeoutNotFired", "failed"]
     assert timer["expr"].endswith("> 90")  # 30 s timeout + 60 s grace
     assert timer["labels"] == {"state": "failed", "trigger": "retry"}
@@ -338,6 +338,10 @@ def test_rules_survive_any_state_name_and_label_value(
         del sys.modules[module.__name__]
     (stuck,) = (r for r in groups[0]["rules"] if r.get("alert") == "OddStuck")
     assert stuck["labels"] == {"state": state, "note": label}
+    # Annotations are Go templates: the state is literal text in them, whatever it holds.
+    summary = stuck["annotations"]["summary"]
+    assert summary.replace('{{ "{{" }}', "{{") == f"A Odd machine is stuck in state {state}"
+    assert "{{" not in summary.replace('{{ "{{" }}', "")
     ((metric, matchers),) = selectors(stuck["expr"])
     assert metric == "odd_state_oldest_seconds"
     assert len(matchers) == 1

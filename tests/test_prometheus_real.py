@@ -7,8 +7,11 @@ installs them: see .ci/run), where a missing binary is a failure.
 from __future__ import annotations
 
 import contextlib
-import os
+import importlib
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import anyio
 import prometheus_client
@@ -16,17 +19,21 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from statemachine_metrics import Enum, MachineCollector, MachineError, MeteredMachine
+from statemachine_metrics.__main__ import main as cli
 from tests._prometheus import (
+    IN_CI,
     INSTALL_HINT,
     cardinalities,
     check_metrics,
+    check_rules,
     find_prometheus,
     find_promtool,
     run_prometheus,
     serve_registry,
+    unit_test_rules,
 )
 
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL = find_promtool()
 PROMETHEUS = find_prometheus()
 
@@ -244,3 +251,230 @@ def test_prometheus_scrapes_machine_metrics() -> None:
     assert prom.process.poll() is not None, "prometheus still running after the block"
     assert time.monotonic() - started < 60
     del machines
+
+
+# -- generated rules ---------------------------------------------------------------------------
+
+
+class Uploader(MeteredMachine, name="upl", registry=None):
+    """State of an uploader"""
+
+    states = ["idle", "uploading", "failed"]
+    transitions = [
+        ["upload", "idle", "uploading"],
+        ["done", "uploading", "idle"],
+        ["fail", "uploading", "failed"],
+        ["retry", "failed", "uploading"],
+    ]
+    stuck_after = {"uploading": 300}
+    timeouts = {"failed": (30.0, "retry")}
+
+
+def generated_rules(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``python -m statemachine_metrics rules ARGV`` prints (it must succeed)."""
+    try:
+        status = cli(["rules", *argv])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    assert (status, err) == (0, ""), err
+    return out
+
+
+def example_modules() -> list[str]:
+    """The examples' modules that define machine classes with metrics."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    names = []
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        name = f"examples.{path.stem}"
+        module = importlib.import_module(name)
+        if any(
+            isinstance(value, type)
+            and issubclass(value, MeteredMachine)
+            and value.__module__ == name
+            and value.metric_names()
+            for value in vars(module).values()
+        ):
+            names.append(name)
+    return names
+
+
+@requires_promtool
+def test_promtool_checks_generated_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    promtool = need("promtool", PROMTOOL)
+    module = sys.modules[__name__].__name__
+    outputs = [
+        generated_rules([f"{module}:Uploader"], capsys),
+        generated_rules(
+            [f"{module}:Uploader", "--for", "5m", "--window", "1h30m", "--label", "severity=page"],
+            capsys,
+        ),
+    ]
+    examples = example_modules()
+    assert {"examples.demo", "examples.stuck_worker"} <= set(examples)
+    outputs.extend(generated_rules([name], capsys) for name in examples)
+    for rules in outputs:
+        result = check_rules(rules, promtool=promtool)
+        assert result.returncode == 0, (result.problems, rules)
+        # Not vacuous: promtool counted every rule of the file.
+        assert f"SUCCESS: {rules.count('- record: ') + rules.count('- alert: ')} rules found" in (
+            result.stdout
+        ), result.stdout
+
+
+@requires_promtool
+def test_promtool_rejects_a_broken_rule_file() -> None:
+    # The canary: the check above would see a rule file that Prometheus refuses.
+    promtool = need("promtool", PROMTOOL)
+    broken = "groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: sum(\n"
+    assert check_rules(broken, promtool=promtool).returncode != 0
+
+
+# promtool's unit tests: input series for one instance, then what each alert shows when.
+# Series grow by 60 every minute, as the age of a machine that never leaves its state does.
+RULE_TESTS = """\
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'upl_oldest_seconds{upl="uploading", job="app", instance="a:1"}'
+        values: '0+60x10'
+      - series: 'upl_oldest_seconds{upl="failed", job="app", instance="a:1"}'
+        values: '0+60x10'
+      - series: 'upl_oldest_seconds{upl="idle", job="app", instance="a:1"}'
+        values: '0+60x10'
+      - series: 'upl_errors_total{trigger="upload", error="OSError", job="app", instance="a:1"}'
+        values: '0+6x10'
+      - series: 'upl_trigger_duration_seconds_count{trigger="upload", job="app", instance="a:1"}'
+        values: '0+60x10'
+      - series: 'upl_errors_total{trigger="done", error="ValueError", job="app", instance="a:1"}'
+        values: '0+1x10'
+      - series: 'upl_trigger_duration_seconds_count{trigger="done", job="app", instance="a:1"}'
+        values: '0+60x10'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: UploaderStuck
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: UploaderStuck
+        exp_alerts:
+          - exp_labels:
+              state: uploading
+              upl: uploading
+              job: app
+              instance: a:1
+            exp_annotations:
+              summary: A Uploader machine is stuck in state uploading
+              description: A Uploader machine on a:1 has been in state uploading for 6m 0s,
+                longer than its limit of 5m (Uploader.stuck_after).
+      - eval_time: 1m
+        alertname: UploaderTimeoutNotFired
+        exp_alerts: []
+      - eval_time: 2m
+        alertname: UploaderTimeoutNotFired
+        exp_alerts:
+          - exp_labels:
+              state: failed
+              trigger: retry
+              upl: failed
+              job: app
+              instance: a:1
+            exp_annotations:
+              summary: A Uploader timeout did not move a machine out of state failed
+              description: A Uploader machine on a:1 has been in state failed for 2m 0s,
+                though its timeout fires retry after 30s. Timers run only while the machine
+                is entered (async with), and a trigger that raises or whose condition fails
+                leaves the machine where it is.
+      - eval_time: 8m
+        alertname: UploaderErrors
+        exp_alerts:
+          - exp_labels:
+              trigger: upload
+              job: app
+            exp_annotations:
+              summary: Uploader trigger upload raises
+              description: 10% of the calls of Uploader trigger upload in job app raised over
+                the last 5m (the limit is 5%); upl_errors_total has the exception classes.
+    promql_expr_test:
+      - expr: job:upl_errors:rate5m
+        eval_time: 8m
+        exp_samples:
+          - labels: 'job:upl_errors:rate5m{trigger="upload", error="OSError", job="app"}'
+            value: 0.1
+          - labels: 'job:upl_errors:rate5m{trigger="done", error="ValueError", job="app"}'
+            value: 0.016666666666666666
+"""
+
+
+@requires_promtool
+def test_promtool_unit_tests_of_generated_alerts(capsys: pytest.CaptureFixture[str]) -> None:
+    promtool = need("promtool", PROMTOOL)
+    rules = generated_rules([f"{__name__}:Uploader"], capsys)
+    result = unit_test_rules(rules, RULE_TESTS, promtool=promtool)
+    assert result.returncode == 0, result.problems
+    assert "SUCCESS" in result.stdout, result.stdout
+    # The canary: the same tests fail against rules whose limit is not the class's.
+    wrong = rules.replace("> 300", "> 900")
+    assert wrong != rules
+    failed = unit_test_rules(wrong, RULE_TESTS, promtool=promtool)
+    assert failed.returncode != 0
+    assert "UploaderStuck" in failed.stdout + failed.stderr
+
+
+@requires_prometheus
+def test_prometheus_fires_the_generated_stuck_alert(capsys: pytest.CaptureFixture[str]) -> None:
+    """A real Prometheus loads the generated rules, scrapes an app with a stuck machine
+    and fires <Class>Stuck for it, and only for it."""
+    prometheus = need("prometheus", PROMETHEUS)
+    started = time.monotonic()
+
+    class Transfer(MeteredMachine, namespace="real", labelnames=("peer",), registry=None):
+        states = ["idle", "sending", "done"]
+        transitions = [["send", "idle", "sending"], ["finish", "sending", "done"]]
+        stuck_after = {"sending": 0.5, "idle": 3600}
+
+    module = type(sys)("real_alerting_app")
+    module.Transfer = Transfer  # type: ignore[attr-defined]
+    Transfer.__module__ = module.__name__
+    sys.modules[module.__name__] = module
+    try:
+        rules = generated_rules([f"{module.__name__}:Transfer"], capsys)
+    finally:
+        del sys.modules[module.__name__]
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(Transfer))
+    stuck, waiting = Transfer(labels={"peer": "a"}), Transfer(labels={"peer": "b"})
+    anyio.run(stuck.send)  # type: ignore[attr-defined]
+
+    with (
+        serve_registry(registry) as target,
+        run_prometheus(target, prometheus=prometheus, startup_timeout=15, rules=rules) as prom,
+    ):
+        deadline = started + 40
+
+        def firing() -> list[dict[str, Any]]:
+            return [
+                a
+                for a in prom.alerts()
+                if a["labels"]["alertname"] == "TransferStuck" and a["state"] == "firing"
+            ]
+
+        while not firing():
+            assert time.monotonic() < deadline, (
+                f"TransferStuck never fired; alerts: {prom.alerts()}; "
+                f"rules: {prom.rule_health()}\n{prom.log_tail()}"
+            )
+            time.sleep(0.2)
+        (alert,) = firing()
+        assert alert["labels"]["state"] == "sending"
+        assert alert["labels"]["real_transfer_state"] == "sending"
+        assert alert["labels"]["instance"] == target
+        assert float(alert["value"]) > 0.5
+        assert "longer than its limit of 500ms" in alert["annotations"]["description"]
+        assert all(rule["health"] == "ok" for rule in prom.rule_health()), prom.rule_health()
+        # The idle machine's limit is an hour: nothing fires for it.
+        assert {a["labels"]["state"] for a in prom.alerts()} == {"sending"}
+    assert time.monotonic() - started < 60
+    del stuck, waiting
