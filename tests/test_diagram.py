@@ -40,6 +40,7 @@ def test_wildcard_internal_reflexive_and_duplicates() -> None:
     class Job(MeteredMachine, registry=None):
         states = ["queued", "running", "done"]
         initial = "running"
+        ok = True
         transitions = [
             ["cancel", "*", "done"],
             ["heartbeat", "running", None],  # internal: drawn as a self-loop
