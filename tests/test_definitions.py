@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import types
 from typing import Any
+from unittest.mock import MagicMock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge
+from transitions import Machine
 
-from statemachine_metrics import Enum, MachineCollector, MeteredMachine
+from statemachine_metrics import Enum, MachineCollector, MeteredMachine, TransitionSpec
 
 STATES = ["idle", "running", "error"]
 TRANSITIONS = [["start", "idle", "running"], ["finish", "running", "idle"]]
@@ -492,6 +497,8 @@ def test_metric_names_with_prefixes_and_name_keyword() -> None:
         "myapp_jobs_wk_transitions_total",
         "myapp_jobs_wk_duration_seconds",
         "myapp_jobs_wk_errors_total",
+        "myapp_jobs_wk_oldest_seconds",
+        "myapp_jobs_wk_trigger_duration_seconds",
     )
     names = [metric.name for metric in registry_of(cls).collect()]
     # prometheus_client drops a counter's _total suffix from the family name.
@@ -501,6 +508,8 @@ def test_metric_names_with_prefixes_and_name_keyword() -> None:
         "myapp_jobs_wk_transitions",
         "myapp_jobs_wk_duration_seconds",
         "myapp_jobs_wk_errors",
+        "myapp_jobs_wk_oldest_seconds",
+        "myapp_jobs_wk_trigger_duration_seconds",
     ]
 
 
@@ -768,6 +777,8 @@ def test_subclass_without_states_reuses_parent_metric() -> None:
                 "_transitions_total",
                 "_duration_seconds",
                 "_errors_total",
+                "_oldest_seconds",
+                "_trigger_duration_seconds",
             )
         )
     )
@@ -888,3 +899,333 @@ def test_a_base_class_without_states_passes_its_keywords_down() -> None:
 def test_an_empty_metric_name_fails() -> None:
     with pytest.raises(ValueError, match=re.escape("Bad: name must be a non-empty string")):
         define(name="")
+
+
+# -- what transitions lets through fails here ---------------------------------------------------
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {"states": STATES, "transitions": TRANSITIONS, **extra}
+
+
+def _ping(*args: Any) -> None:
+    """An importable callback, named by its dotted path below."""
+
+
+MISTAKES = [
+    pytest.param(
+        _transitions({"trigger": "start", "source": "idle", "dest": "running", "after": "notfy"}),
+        "Bad: transition 'start' from 'idle', after: 'notfy' is no method, property, class "
+        "attribute or annotation of Bad, nor an importable dotted path",
+        id="unknown-after",
+    ),
+    pytest.param(
+        {**_transitions(["start", "idle", "running", "redy"]), "ready": True},
+        "Bad: transition 'start' from 'idle', conditions: 'redy' is no method, property, class "
+        "attribute or annotation of Bad, nor an importable dotted path; did you mean 'ready'?",
+        id="unknown-condition-with-hint",
+    ),
+    pytest.param(
+        _transitions(["start", "*", "running", None, "blocked"]),
+        "Bad: transition 'start' from 'idle', unless: 'blocked'",
+        id="unknown-unless",
+    ),
+    pytest.param(
+        {"states": ["idle", {"name": "running", "on_exit": "cleanup"}], "transitions": []},
+        "Bad: state 'running' on_exit: 'cleanup' is no method",
+        id="unknown-state-callback",
+    ),
+    pytest.param(
+        _body(finalize_event=["log_event"]),
+        "Bad.finalize_event: 'log_event' is no method",
+        id="unknown-machine-callback",
+    ),
+    pytest.param(
+        _body(on_exception="tests.test_definitions._pong"),
+        "Bad.on_exception: 'tests.test_definitions._pong' is no method, property, class "
+        "attribute or annotation of Bad, nor an importable dotted path",
+        id="unknown-dotted-path",
+    ),
+    pytest.param(
+        _body(ordered_transitions={"after": "tick"}),
+        "Bad: transition 'next_state' from 'idle', after: 'tick' is no method",
+        id="unknown-ordered-callback",
+    ),
+    pytest.param(
+        _body(on_enter_runing=lambda self: None),
+        "Bad: Bad.on_enter_runing is for state 'runing', which Bad does not have; states are "
+        "idle, running, error; did you mean on_enter_running?",
+        id="on-enter-unknown-state",
+    ),
+    pytest.param(
+        _body(on_exit_stopped=lambda self: None),
+        "Bad: Bad.on_exit_stopped is for state 'stopped', which Bad does not have",
+        id="on-exit-unknown-state",
+    ),
+    pytest.param(
+        {"states": STATES, "transition": TRANSITIONS},
+        "Bad.transition is not a definition attribute; did you mean 'transitions'?",
+        id="transition",
+    ),
+    pytest.param(
+        {"states": STATES, "transitions": TRANSITIONS, "state": ["idle"]},
+        "Bad.state is not a definition attribute; did you mean 'states'?",
+        id="state",
+    ),
+    pytest.param(
+        _body(intial="running"),
+        "Bad.intial is not a definition attribute; did you mean 'initial'?",
+        id="intial",
+    ),
+    pytest.param(
+        _body(on_exeption="handle"),
+        "Bad.on_exeption is not a definition attribute; did you mean 'on_exception'?",
+        id="on_exeption",
+    ),
+    pytest.param(
+        _body(send_events=True),
+        "Bad.send_events is not a definition attribute; did you mean 'send_event'?",
+        id="send_events",
+    ),
+    pytest.param(
+        _body(strict=True),
+        "Bad: strict = True, and no transition reaches or leaves 'error'; add transitions for "
+        "it or remove it from states",
+        id="strict-isolated-state",
+    ),
+    pytest.param(
+        _body(strict=True, transitions=[*TRANSITIONS, ["note", "error", None]]),
+        "Bad: strict = True, and no transition reaches or leaves 'error'",
+        id="strict-internal-transition-only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), MISTAKES)
+def test_mistakes_transitions_lets_through_fail_at_class_creation(
+    body: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        define(body)
+
+
+class Base(MeteredMachine, abstract=True, registry=None):
+    """A template whose callback names its subclasses must declare."""
+
+    states = STATES
+    transitions = [{"trigger": "start", "source": "idle", "dest": "running", "after": "notify"}]
+
+    def notify(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"on_enter_stopped": lambda self: None}, "Bad: Bad.on_enter_stopped is for state"),
+        ({"finalize_event": "log_it"}, "Bad.finalize_event: 'log_it' is no method"),
+        ({"on_exception": 5}, "Bad.on_exception: 5 is neither a method name nor a callable"),
+        ({"queued": "yes"}, "Bad.queued must be True or False, got 'yes'"),
+        ({"strict": True}, "Bad declares strict but no states"),
+        ({"ordered_transitions": True}, "Bad declares ordered_transitions but no states"),
+    ],
+    ids=["on-enter", "machine-callback", "not-callable", "queued", "strict", "ordered"],
+)
+def test_subclass_without_states_is_checked_too(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        define(extra, bases=(Base,))
+
+
+def test_inherited_state_method_for_a_state_the_subclass_lacks_fails() -> None:
+    parent = define(_body(on_enter_error=lambda self: None), cls_name="Parent")
+    with pytest.raises(ValueError, match=re.escape("Bad: Parent.on_enter_error is for state")):
+        define({"states": ["idle", "running"], "transitions": []}, bases=(parent,))
+
+
+class Named:
+    """Carries a property and an annotation, for callbacks that name them."""
+
+    ready: bool
+
+    @property
+    def checked(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "notify",  # a method
+        "checked",  # a property (of a mixin)
+        "limit",  # a class attribute
+        "ready",  # an annotation alone
+        "tests.test_definitions._ping",  # an importable dotted path
+        "is_running",  # a generated method
+        "may_finish",
+    ],
+)
+def test_callback_names_that_resolve_pass(reference: str) -> None:
+    body = {
+        "states": STATES,
+        "transitions": [
+            {"trigger": "start", "source": "idle", "dest": "running", "conditions": reference},
+            ["finish", "running", "idle"],
+        ],
+        "limit": 3,
+        "notify": lambda self: None,
+    }
+    cls = define(body, bases=(MeteredMachine, Named))
+    assert cls.trigger_names() == ("start", "finish")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Ordinary attributes near a definition attribute's name, but not of its kind.
+        {"status": lambda self: "ok"},
+        {"timeout": 5.0},
+        {"queue": []},
+        {"_states": ["kept", "aside"]},
+        {"state_count": 3},
+        # Each state of a strict machine is reached or left.
+        {"strict": True, "transitions": [*TRANSITIONS, ["fail", "*", "error"]]},
+    ],
+    ids=["status-method", "timeout-float", "queue-list", "private", "state-count", "strict-ok"],
+)
+def test_ordinary_attributes_are_not_flagged(body: dict[str, Any]) -> None:
+    define({**_body(), **body})
+
+
+# -- transitions' other ways of declaring states and transitions -----------------------------
+
+
+class Color(enum.Enum):
+    RED = 1
+    YELLOW = 2
+    GREEN = 3
+
+
+def test_states_as_an_enum_class_are_named_by_their_members() -> None:
+    cls = define({"states": Color, "transitions": [["go", Color.RED, Color.GREEN]]})
+    assert cls.state_names() == ("RED", "YELLOW", "GREEN")
+    assert cls.transition_table() == (TransitionSpec("go", "RED", "GREEN"),)
+    (family,) = cls.metric.collect()
+    assert [s.labels["bad_state"] for s in family.samples] == ["RED", "YELLOW", "GREEN"]
+
+
+def test_states_as_enum_members_with_dicts_and_an_enum_initial() -> None:
+    cls = define(
+        {
+            "states": [Color.RED, {"name": Color.GREEN, "final": True}],
+            "transitions": [["go", "RED", Color.GREEN]],
+            "initial": Color.GREEN,
+        }
+    )
+    assert cls.state_names() == ("RED", "GREEN")
+    assert cls.initial_state() == "GREEN"
+
+
+class Other(enum.Enum):
+    BLUE = 1
+
+
+@pytest.mark.parametrize(
+    "states", [[Color.RED, "GREEN"], [Color.RED, Other.BLUE]], ids=["with-a-name", "two-enums"]
+)
+def test_states_mixing_enum_members_and_names_fail(states: list[Any]) -> None:
+    with pytest.raises(TypeError, match=r"Bad\.states: give every state as a member of one"):
+        define({"states": states, "transitions": []})
+
+
+def test_on_final_on_a_state_that_is_not_final_fails() -> None:
+    with pytest.raises(ValueError, match=re.escape("Bad.states[1]: on_final runs when a final")):
+        define({"states": ["idle", {"name": "done", "on_final": "cleanup"}], "transitions": []})
+
+
+def test_final_state_with_on_final_is_accepted() -> None:
+    body = {
+        "states": ["idle", {"name": "done", "final": True, "on_final": "cleanup"}],
+        "transitions": [["finish", "idle", "done"]],
+        "cleanup": lambda self: None,
+    }
+    assert define(body).state_names() == ("idle", "done")
+
+
+@pytest.mark.parametrize(
+    ("ordered", "error", "message"),
+    [
+        ({"loop": False, "step": 2}, ValueError, "Bad.ordered_transitions: unknown key(s) step"),
+        ("next", TypeError, "Bad.ordered_transitions must be True or a dict"),
+        ({"trigger": "trigger"}, ValueError, "clashes with the attribute MeteredMachine.trigger"),
+        ({"states": ["idle", "gone"]}, ValueError, "unknown state(s) 'gone'"),
+        ({"after": ["a", "b"]}, ValueError, "Argument length must be either 1 or the same"),
+    ],
+    ids=["unknown-key", "not-a-dict", "clash", "unknown-state", "argument-length"],
+)
+def test_bad_ordered_transitions_fail(ordered: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        define(_body(ordered_transitions=ordered))
+
+
+ORDERED_STATES = ["a", "b", "c", "d"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    options=st.fixed_dictionaries(
+        {},
+        optional={
+            "trigger": st.sampled_from(["next_state", "advance"]),
+            "loop": st.booleans(),
+            "loop_includes_initial": st.booleans(),
+            "states": st.permutations(ORDERED_STATES).flatmap(
+                lambda order: st.integers(2, 4).map(lambda n: order[:n])
+            ),
+        },
+    ),
+    initial=st.sampled_from(ORDERED_STATES),
+    as_true=st.booleans(),
+)
+def test_ordered_transitions_are_those_transitions_generates(
+    options: dict[str, Any], initial: str, as_true: bool
+) -> None:
+    ordered: Any = True if as_true else options
+    reference = Machine(
+        states=ORDERED_STATES, initial=initial, auto_transitions=False, ordered_transitions=False
+    )
+    reference.add_ordered_transitions(**({} if as_true else options))
+    expected = tuple(
+        TransitionSpec(trigger, source, t.dest)
+        for trigger, event in reference.events.items()
+        for source, candidates in event.transitions.items()
+        for t in candidates
+    )
+    body = {"states": ORDERED_STATES, "initial": initial, "ordered_transitions": ordered}
+    assert define(body).transition_table() == expected
+
+
+# -- callables are called as given -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_callables_are_called_as_given_never_copied() -> None:
+    class Gate:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self) -> bool:
+            self.calls += 1
+            return True
+
+    gate = Gate()
+    after = MagicMock()
+    cls = define(
+        _transitions(
+            {"trigger": "start", "source": "idle", "dest": "running", "conditions": gate},
+            {"trigger": "finish", "source": "running", "dest": "idle", "after": [after]},
+        )
+    )
+    machine = cls()
+    assert await machine.start()
+    assert await machine.finish(1, x=2)
+    assert gate.calls == 1
+    after.assert_called_once_with(1, x=2)
