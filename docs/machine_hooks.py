@@ -13,7 +13,10 @@ becomes a Mermaid diagram of that class (`PoolWorker.mermaid()`), and
     ```
 
 becomes a console block showing ``python -m statemachine_metrics list examples.worker_pool``
-and what it prints. And
+and what it prints. A block ```` ```machine-rules ```` or ```` ```machine-dashboard ````
+holding the arguments of ``rules`` or ``dashboard`` (``examples.demo``) becomes what that
+command prints, as a YAML or JSON block; a dashboard, being long, is folded under a
+``??? example`` summary that names the command. And
 
     ```public-api
     MeteredMachine
@@ -34,6 +37,7 @@ import io
 import re
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,9 @@ from statemachine_metrics.__main__ import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 _BLOCK = re.compile(
-    r"^```(machine-diagram|statemachine-metrics|public-api)\n(.*?)^```$", re.M | re.S
+    r"^```(machine-diagram|machine-rules|machine-dashboard|statemachine-metrics|public-api)\n"
+    r"(.*?)^```$",
+    re.M | re.S,
 )
 
 
@@ -94,6 +100,12 @@ def _replace(match: re.Match[str], where: str) -> str:
         return _public_api(body.split(), where)
     if kind == "machine-diagram":
         return f"```mermaid\n{_run(['diagram', body], where)}\n```"
+    if kind == "machine-rules":
+        return f"```yaml\n{_run(['rules', *shlex.split(body)], where)}\n```"
+    if kind == "machine-dashboard":
+        argv = ["dashboard", *shlex.split(body)]
+        folded = textwrap.indent(f"```json\n{_run(argv, where)}\n```", "    ")
+        return f'??? example "python -m statemachine_metrics {shlex.join(argv)}"\n\n{folded}'
     argv = shlex.split(body)
     output = _run(argv, where)
     return f"```console\n$ python -m statemachine_metrics {shlex.join(argv)}\n{output}\n```"
