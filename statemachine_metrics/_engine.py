@@ -5,37 +5,52 @@ arrival order), `run` tries the compiled steps for the current state as transiti
 `AsyncMachine` does (prepare, conditions, before, exit, state change, enter, after), and
 `change_state` moves the state and every metric in one synchronous step, so that no
 cancellation or exception can separate them.
+
+A trigger whose turn is free and whose one step has no callbacks takes the fast path: the
+state changes at once, with nothing awaited, so no other task can come between.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Coroutine, Sequence
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 from transitions import Machine, MachineError
 
+from ._events import EventData, EventInfo, Listener, StateInfo, TransitionEvent, TransitionInfo
 from ._family import Family, Series
 
 if TYPE_CHECKING:
     from ._machine import MeteredMachine
 
-__all__ = ["Callback", "Condition", "Step", "fire", "fire_exclusive", "may"]
+__all__ = [
+    "Callback",
+    "Condition",
+    "Dispatch",
+    "Hooks",
+    "Step",
+    "fire",
+    "fire_exclusive",
+    "may",
+]
+
+#: Where listeners that raise, and finalize_event callbacks that raise, are reported.
+logger = logging.getLogger("statemachine_metrics")
 
 _MISSING: Any = object()
+_perf_counter = time.perf_counter
 
 #: Called after every transition that ran, with (machine, trigger, source, dest); dest is
-#: None for an internal transition. Empty unless something (a test recorder) listens.
+#: None for an internal transition. Kept for the testing module until it listens publicly.
 watchers: list[Callable[[MeteredMachine, str, str, str | None], None]] = []
-
-# The turns held by the current task and the tasks it started: a trigger awaited from one
-# of a machine's own callbacks runs at once, nested, instead of waiting for itself.
-_held: ContextVar[tuple[object, ...]] = ContextVar("statemachine_metrics_held", default=())
 
 
 class Callback:
@@ -90,11 +105,45 @@ class Condition:
         self.target = target
 
 
+class Hooks:
+    """A class's machine-level callbacks and modes; None on a class that has none.
+
+    ``before_state_change``, ``after_state_change`` and ``on_final`` are compiled into the
+    steps; these are the ones that wrap a whole trigger.
+    """
+
+    __slots__ = (
+        "finalize_event",
+        "on_exception",
+        "prepare_event",
+        "queued",
+        "send_event",
+        "states",
+    )
+
+    def __init__(
+        self,
+        prepare_event: tuple[Callback, ...],
+        finalize_event: tuple[Callback, ...],
+        on_exception: tuple[Callback, ...],
+        send_event: bool,
+        queued: bool,
+        states: dict[str, StateInfo],
+    ) -> None:
+        self.prepare_event = prepare_event
+        self.finalize_event = finalize_event
+        self.on_exception = on_exception
+        self.send_event = send_event
+        self.queued = queued
+        self.states = states
+
+
 class Step:
     """One compiled transition of one trigger from one source state."""
 
     __slots__ = (
         "after",
+        "bare",
         "before",
         "conditions",
         "dest",
@@ -102,10 +151,13 @@ class Step:
         "enter",
         "exit",
         "family",
+        "info",
+        "listening",
         "prepare",
         "slot",
         "source",
         "src",
+        "tindex",
         "trigger",
     )
 
@@ -122,8 +174,9 @@ class Step:
         exit: tuple[Callback, ...],
         enter: tuple[Callback, ...],
         after: tuple[Callback, ...],
+        listening: list[Listener] | None = None,
     ) -> None:
-        index = {state: i for i, state in enumerate(family.states)}
+        index = family.index
         self.family = family
         self.trigger = trigger
         self.source = source
@@ -131,87 +184,238 @@ class Step:
         self.src = index[source]
         self.dst = index[dest if dest is not None else source]
         self.slot = slot
+        self.tindex = family.trigger_names.index(trigger)
         self.prepare = prepare
         self.conditions = conditions
         self.before = before
         self.exit = exit
         self.enter = enter
         self.after = after
+        #: The class's listeners (a list shared with the class, changed in place).
+        self.listening: list[Listener] = [] if listening is None else listening
+        self.info = TransitionInfo(source, dest)
+        # True when this is the only step from its source and has no callbacks: the
+        # trigger may take the fast path. Set by the compiler.
+        self.bare = False
+
+
+class Dispatch:
+    """One trigger of one class, compiled: its steps for each source state."""
+
+    __slots__ = ("family", "fire", "hooks", "index", "info", "name", "steps")
+
+    def __init__(
+        self,
+        name: str,
+        steps: dict[str, tuple[Step, ...]],
+        family: Family | None,
+        hooks: Hooks | None,
+    ) -> None:
+        self.name = name
+        self.steps = steps
+        self.family = cast(Family, family)  # None only on a template, which never fires
+        self.hooks = hooks
+        self.index = -1 if family is None else family.trigger_names.index(name)
+        self.info = EventInfo(name)
+        #: What every way of firing the trigger calls (instrumentation wraps it).
+        self.fire: FireFunction = fire
+
+
+class FireFunction(Protocol):
+    def __call__(
+        self,
+        machine: MeteredMachine,
+        dispatch: Dispatch,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        still: Callable[[], bool] | None = None,
+    ) -> Coroutine[Any, Any, bool]: ...
+
+
+class Turn:
+    """The right to run transitions on one machine, held by one trigger at a time.
+
+    `task` and `mark` say where the holder was when it first awaited a callback: a trigger
+    from another task nests only if that task runs in a task group opened since then.
+    """
+
+    __slots__ = ("context", "mark", "queue", "task")
+
+    def __init__(self) -> None:
+        self.task: object = None
+        self.mark: object = None
+        self.context: Token[tuple[Turn, ...]] | None = None
+        self.queue: deque[tuple[Dispatch, tuple[Any, ...], dict[str, Any]]] | None = None
+
+
+# The turns held by the current task and the tasks it started: a trigger awaited from one
+# of a machine's own callbacks runs at once, nested, instead of waiting for itself.
+_held: ContextVar[tuple[Turn, ...]] = ContextVar("statemachine_metrics_held", default=())
+
+
+def _closed(machine: MeteredMachine) -> RuntimeError:
+    return RuntimeError(f"{type(machine).__name__} machine is closed; triggers need a live one")
+
+
+# -- callbacks -------------------------------------------------------------------------
 
 
 async def _callbacks(
-    machine: object,
+    machine: MeteredMachine,
     callbacks: Sequence[Callback],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    turn: Turn | None,
 ) -> None:
     """Run callbacks one after another, in list order, awaiting what they return."""
     for callback in callbacks:
         result = callback(machine, args, kwargs)
-        if result is not None and inspect.isawaitable(result):
+        # Most callbacks return None or a bool: only other results can be awaitable.
+        if (
+            result is not None
+            and result is not True
+            and result is not False
+            and inspect.isawaitable(result)
+        ):
+            if turn is not None and turn.context is None:
+                _hold(turn)
             await result
 
 
 async def _conditions(
-    machine: object,
+    machine: MeteredMachine,
     conditions: Sequence[Condition],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    turn: Turn | None,
 ) -> bool:
     """Evaluate every condition in order (no short cut, as AsyncMachine); True if all pass."""
     passed = True
     for condition in conditions:
         result = condition.callback(machine, args, kwargs)
-        if result is not None and inspect.isawaitable(result):
+        if (
+            result is not None
+            and result is not True
+            and result is not False
+            and inspect.isawaitable(result)
+        ):
+            if turn is not None and turn.context is None:
+                _hold(turn)
             result = await result
         if result != condition.target:
             passed = False
     return passed
 
 
-def change_state(machine: MeteredMachine, step: Step) -> None:
-    """Move the machine to the step's destination, with every metric, in one step."""
+def _hold(turn: Turn) -> None:
+    """Before the turn's holder first awaits a callback: note where it is, and let the
+    callback's own triggers (and those of task groups it opens) nest in the turn."""
+    turn.task, turn.mark = _whereabouts()
+    turn.context = _held.set((*_held.get(), turn))
+
+
+# -- the state change ------------------------------------------------------------------
+
+
+def change_state(machine: MeteredMachine, step: Step, started: float | None = None) -> None:
+    """Move the machine to the step's destination, with every metric, in one step.
+
+    An internal step (dest None) only counts. The state the machine leaves is the one it
+    is in: a trigger nested in an earlier callback of this transition may have moved it.
+    `started`, on the fast path, is when the trigger began: its latency is observed here.
+    """
     family = step.family
-    now = time.perf_counter()
+    now = _perf_counter()
+    token = machine._token
+    dest = step.dest
     with family.lock:
         if family.pending:
             family._drain()
-        src, dst = step.src, step.dst
-        elapsed = now - machine._entered
-        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
-        family.hist_sum[src] += elapsed
-        family.transitions[step.slot] += 1
+        state = machine._state
+        if state is step.source or state == step.source:
+            src = step.src
+            slot = step.slot
+        else:
+            src = family.index[state]
+            slot = family.slot(state, state if dest is None else dest, step.trigger)
+        family.transitions[slot] += 1
+        mirror = family.mirror
         series: Series | None = machine._series
-        if series is not None:  # None: closed by one of its own callbacks, and uncounted
-            counts = family.counts
-            counts[src] -= 1
-            counts[dst] += 1
-            series.child._value = dst
-            if family.mirror is not None:
-                family.mirror.moved(series.key, src, dst, step.slot, elapsed)
-        elif family.mirror is not None:
-            family.mirror.counted(step.slot)
-            family.mirror.observed(src, elapsed)
-        machine._state = step.dest  # type: ignore[assignment]
-        machine._entered = now
-    timers = machine._timers
-    if timers is not None:
-        timers.moved(step.dest)
+        if dest is None:
+            if mirror is not None:
+                mirror.counted(slot)
+        else:
+            dst = step.dst
+            stays = family.stays
+            leaving = stays[src]
+            first = mirror is not None and leaving and next(iter(leaving)) == token
+            entered = leaving.pop(token, None)  # None: closed by one of its own callbacks
+            elapsed = 0.0 if entered is None else now - entered
+            if entered is not None:
+                family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+                family.hist_sum[src] += elapsed
+            if series is not None:
+                counts = family.counts
+                counts[src] -= 1
+                counts[dst] += 1
+                entering = stays[dst]
+                new_oldest = mirror is not None and not entering
+                entering[token] = now
+                series.child._value = dst
+                if mirror is not None:
+                    mirror.moved(series.key, src, dst, slot, elapsed)
+                    if first:
+                        mirror.oldest(src, family._since(leaving))
+                    if new_oldest:
+                        mirror.oldest(dst, time.time())
+            elif mirror is not None:
+                mirror.counted(slot)
+                if entered is not None:
+                    mirror.observed(src, elapsed)
+            machine._state = dest
+        if started is not None:
+            latency = now - started
+            tindex = step.tindex
+            family.trigger_hist[tindex][bisect_left(family.trigger_bounds, latency)] += 1
+            family.trigger_sum[tindex] += latency
+            if mirror is not None:
+                mirror.triggered(tindex, latency)
+    if dest is not None:
+        timers = machine._timers
+        if timers is not None:
+            timers.moved(dest)
+    if step.listening or machine._listeners is not None:
+        _notify(machine, step, state)
     if watchers:
         for watcher in tuple(watchers):
-            watcher(machine, step.trigger, step.source, step.dest)
+            watcher(machine, step.trigger, state, dest)
 
 
-def count_internal(machine: MeteredMachine, step: Step) -> None:
-    """An internal transition runs its callbacks and is counted; the state stays."""
-    family = step.family
-    with family.lock:
-        family.transitions[step.slot] += 1
-        if family.mirror is not None:
-            family.mirror.counted(step.slot)
-    if watchers:
-        for watcher in tuple(watchers):
-            watcher(machine, step.trigger, step.source, None)
+def _notify(machine: MeteredMachine, step: Step, source: str) -> None:
+    dest = step.dest
+    event = TransitionEvent(
+        machine,
+        step.trigger,
+        source,
+        source if dest is None else dest,
+        dest is None,
+        time.time(),
+    )
+    listeners = step.listening
+    own = machine._listeners
+    for listener in (*listeners, *own) if own is not None else tuple(listeners):
+        try:
+            listener(event)
+        except Exception:
+            logger.exception(
+                "%s: listener %r raised on %s; the transition stands",
+                type(machine).__qualname__,
+                listener,
+                event,
+            )
+
+
+# -- a trigger -------------------------------------------------------------------------
 
 
 async def run(
@@ -219,72 +423,231 @@ async def run(
     steps: Sequence[Step],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    turn: Turn | None,
+    event: EventData | None = None,
 ) -> bool:
-    """Try the steps in order; the first whose conditions pass runs. True if one ran."""
+    """Try the steps in order; the first whose conditions pass runs. True if one ran.
+
+    With `event` (``send_event``), callbacks get it alone instead of the trigger's
+    arguments, and it follows the transition as it goes.
+    """
+    if event is not None:
+        args, kwargs = (event,), {}
     for step in steps:
+        if event is not None:
+            event.transition = step.info
         if step.prepare:
-            await _callbacks(machine, step.prepare, args, kwargs)
-        if step.conditions and not await _conditions(machine, step.conditions, args, kwargs):
+            await _callbacks(machine, step.prepare, args, kwargs, turn)
+        if step.conditions and not await _conditions(machine, step.conditions, args, kwargs, turn):
             continue
         if step.before:
-            await _callbacks(machine, step.before, args, kwargs)
+            await _callbacks(machine, step.before, args, kwargs, turn)
         if step.dest is None:
-            count_internal(machine, step)
+            change_state(machine, step)
         else:
             if step.exit:
-                await _callbacks(machine, step.exit, args, kwargs)
+                await _callbacks(machine, step.exit, args, kwargs, turn)
             change_state(machine, step)
+            if event is not None:
+                hooks = type(machine)._hooks
+                assert hooks is not None
+                event.state = hooks.states[step.dest]
             if step.enter:
-                await _callbacks(machine, step.enter, args, kwargs)
+                await _callbacks(machine, step.enter, args, kwargs, turn)
         if step.after:
-            await _callbacks(machine, step.after, args, kwargs)
+            await _callbacks(machine, step.after, args, kwargs, turn)
         return True
     return False
 
 
 async def fire(
     machine: MeteredMachine,
-    trigger: str,
-    table: dict[str, tuple[Step, ...]],
+    dispatch: Dispatch,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     still: Callable[[], bool] | None = None,
 ) -> bool:
-    """Run `trigger` on `machine` in its turn; see `MeteredMachine` for the semantics.
+    """Run a trigger on `machine` in its turn; see `MeteredMachine` for the semantics.
 
     `still`, if given, is asked once the turn is ours; False fires nothing and returns
     False (a timer whose state was left while it waited for the turn).
     """
-    series = machine._series
-    if series is None:
-        raise RuntimeError(f"{type(machine).__name__} machine is closed; triggers need a live one")
     owner = machine._owner
-    if owner is not None and owner in _held.get():
-        if still is not None and not still():
-            return False
-        return await _run_checked(machine, trigger, table, args, kwargs)
     if owner is None:
-        token = machine._owner = object()
+        if machine._series is None:
+            raise _closed(machine)
+        if still is None and dispatch.hooks is None:
+            steps = dispatch.steps.get(machine._state)
+            if steps is not None:
+                step = steps[0]
+                if step.bare:
+                    change_state(machine, step, _perf_counter())
+                    return True
+        turn = machine._owner = Turn()
+    elif owner in _held.get() and _nests(owner):
+        return await _nested(machine, owner, dispatch, args, kwargs, still)
     else:
-        token = await _wait_turn(machine)
-    held = _held.set((*_held.get(), token))
+        turn = await _wait_turn(machine)
+        if machine._series is None:  # closed while this trigger waited
+            _release(machine)
+            raise _closed(machine)
+    started = _perf_counter()
     try:
         if still is not None and not still():
             return False
-        return await _run_checked(machine, trigger, table, args, kwargs)
+        result = await _run_checked(machine, dispatch, args, kwargs, turn)
+        if turn.queue:
+            await _run_queue(machine, turn)
+        return result
     finally:
-        _held.reset(held)
+        if turn.context is not None:
+            _held.reset(turn.context)
+        dispatch.family.triggered(dispatch.index, _perf_counter() - started)
         _release(machine)
+
+
+async def _nested(
+    machine: MeteredMachine,
+    turn: Turn,
+    dispatch: Dispatch,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    still: Callable[[], bool] | None,
+) -> bool:
+    """A trigger from inside the running transition: at once, or queued (``queued``)."""
+    if machine._series is None:
+        raise _closed(machine)
+    hooks = dispatch.hooks
+    if hooks is not None and hooks.queued:
+        if turn.queue is None:
+            turn.queue = deque()
+        turn.queue.append((dispatch, args, kwargs))
+        return True
+    if still is not None and not still():
+        return False
+    started = _perf_counter()
+    try:
+        return await _run_checked(machine, dispatch, args, kwargs, turn)
+    finally:
+        dispatch.family.triggered(dispatch.index, _perf_counter() - started)
+
+
+async def _run_queue(machine: MeteredMachine, turn: Turn) -> None:
+    """Run the triggers that callbacks queued, in order, in the same turn (``queued``)."""
+    queue = turn.queue
+    assert queue is not None
+    try:
+        while queue:
+            dispatch, args, kwargs = queue.popleft()
+            if machine._series is None:
+                raise _closed(machine)
+            started = _perf_counter()
+            try:
+                await _run_checked(machine, dispatch, args, kwargs, turn)
+            finally:
+                dispatch.family.triggered(dispatch.index, _perf_counter() - started)
+    except BaseException:
+        queue.clear()  # as transitions: an error drops what was still queued
+        raise
+
+
+async def _run_checked(
+    machine: MeteredMachine,
+    dispatch: Dispatch,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    turn: Turn,
+) -> bool:
+    hooks = dispatch.hooks
+    if hooks is not None:
+        return await _run_hooked(machine, dispatch, hooks, args, kwargs, turn)
+    try:
+        steps = _steps(machine, dispatch)
+        if steps is None:
+            return False
+        return await run(machine, steps, args, kwargs, turn)
+    except Exception as exc:
+        dispatch.family.error(dispatch.name, exc)
+        raise
+
+
+def _steps(machine: MeteredMachine, dispatch: Dispatch) -> tuple[Step, ...] | None:
+    """The steps for the machine's state; None for an ignored invalid trigger."""
+    state = machine._state
+    steps = dispatch.steps.get(state)
+    if steps is None:
+        if state in type(machine)._ignore_invalid:
+            return None
+        raise _invalid(machine, dispatch)
+    return steps
+
+
+def _invalid(machine: MeteredMachine, dispatch: Dispatch) -> MachineError:
+    cls = type(machine)
+    allowed = ", ".join(dispatch.steps) or "no state"
+    labels = machine.labels
+    shown = f" {labels}" if labels else ""
+    return MachineError(
+        f"{cls.__name__}{shown}: Can't trigger event {dispatch.name} from state "
+        f"{machine._state}! It is allowed from {allowed}."
+    )
+
+
+async def _run_hooked(
+    machine: MeteredMachine,
+    dispatch: Dispatch,
+    hooks: Hooks,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    turn: Turn,
+) -> bool:
+    """A trigger with machine-level callbacks, as `AsyncMachine` runs it: prepare_event,
+    the transition, on_exception for an error, finalize_event whatever happened."""
+    event = None
+    cargs, ckwargs = args, kwargs
+    if hooks.send_event:
+        event = EventData(machine, dispatch.info, hooks.states[machine._state], args, kwargs)
+        cargs, ckwargs = (event,), {}
+    result = False
+    try:
+        steps = _steps(machine, dispatch)
+        if steps is not None:
+            if hooks.prepare_event:
+                await _callbacks(machine, hooks.prepare_event, cargs, ckwargs, turn)
+            result = await run(machine, steps, args, kwargs, turn, event)
+            if event is not None:
+                event.result = result
+    except Exception as exc:
+        dispatch.family.error(dispatch.name, exc)
+        if event is not None:
+            event.error = exc
+        if not hooks.on_exception:
+            raise
+        await _callbacks(machine, hooks.on_exception, cargs, ckwargs, turn)
+    finally:
+        if hooks.finalize_event:
+            try:
+                await _callbacks(machine, hooks.finalize_event, cargs, ckwargs, turn)
+            except Exception:
+                logger.exception(
+                    "%s: a finalize_event callback of %r raised; the trigger's outcome stands",
+                    type(machine).__qualname__,
+                    dispatch.name,
+                )
+    return result
+
+
+# -- the turn --------------------------------------------------------------------------
 
 
 async def fire_exclusive(machine: MeteredMachine, action: Callable[[], None]) -> None:
     """Run a synchronous `action` in the machine's turn, after any running transition."""
     owner = machine._owner
-    if owner is not None and owner in _held.get():
+    if owner is not None and owner in _held.get() and _nests(owner):
         action()
         return
     if owner is None:
-        machine._owner = object()
+        machine._owner = Turn()
     else:
         await _wait_turn(machine)
     try:
@@ -293,32 +656,8 @@ async def fire_exclusive(machine: MeteredMachine, action: Callable[[], None]) ->
         _release(machine)
 
 
-async def _run_checked(
-    machine: MeteredMachine,
-    trigger: str,
-    table: dict[str, tuple[Step, ...]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> bool:
-    try:
-        state = machine._state
-        steps = table.get(state)
-        if steps is None:
-            if state in type(machine)._ignore_invalid:
-                return False
-            raise MachineError(
-                f"{type(machine).__name__}: Can't trigger event {trigger} from state {state}!"
-            )
-        return await run(machine, steps, args, kwargs)
-    except Exception as exc:
-        family = type(machine)._family
-        if family is not None:
-            family.error(trigger, exc)
-        raise
-
-
-async def _wait_turn(machine: MeteredMachine) -> object:
-    """Queue behind the running transition; return the turn's token once handed over."""
+async def _wait_turn(machine: MeteredMachine) -> Turn:
+    """Queue behind the running transition; return the turn once handed over."""
     waiters = machine._waiters
     if waiters is None:
         waiters = machine._waiters = deque()
@@ -332,13 +671,15 @@ async def _wait_turn(machine: MeteredMachine) -> object:
         else:
             waiters.remove(event)
         raise
-    return machine._owner
+    turn = machine._owner
+    assert turn is not None
+    return turn
 
 
 def _release(machine: MeteredMachine) -> None:
     waiters = machine._waiters
     if waiters:
-        machine._owner = object()
+        machine._owner = Turn()
         event = waiters.popleft()
         if not waiters:
             machine._waiters = None
@@ -347,18 +688,109 @@ def _release(machine: MeteredMachine) -> None:
         machine._owner = None
 
 
+def _whereabouts() -> tuple[object, object]:
+    """The current task, and a mark of what it has opened so far (see `_nests`)."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        task = asyncio.current_task(loop)
+        return task, _asyncio_scope(task)
+    import trio
+
+    current = trio.lowlevel.current_task()
+    return current, len(current.child_nurseries)
+
+
+def _nests(turn: Turn) -> bool:
+    """Whether a trigger from the current task, whose context holds `turn`, runs nested.
+
+    The holder's own triggers nest, and so do those of tasks in task groups the holder
+    opened while the transition ran (it waits for them before going on). A task started
+    in a task group opened before the transition (which copied the turn into its
+    context) is independent: it waits for its turn. A task whose origin cannot be known
+    (one asyncio started outside anyio's task groups) nests, as it always did.
+    """
+    if turn.task is None:
+        return False  # the holder never awaited a callback: the turn is not this task's
+    task, _ = _whereabouts()
+    if task is turn.task:
+        return True
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return _asyncio_inside(turn, task)
+    return _trio_inside(turn, task)
+
+
+def _trio_inside(turn: Turn, task: Any) -> bool:
+    holder: Any = turn.task
+    while True:
+        nursery = task.parent_nursery
+        if nursery is None:
+            return False
+        host = nursery.parent_task
+        if host is holder:
+            nurseries: list[object] = holder.child_nurseries
+            return nursery in nurseries and nurseries.index(nursery) >= cast(int, turn.mark)
+        task = host
+
+
+def _asyncio_scope(task: object) -> object:
+    states = _anyio_task_states()
+    if states is None:
+        return None
+    state = states.get(task)
+    return None if state is None else state.cancel_scope
+
+
+def _asyncio_inside(turn: Turn, task: object) -> bool:
+    states = _anyio_task_states()
+    if states is None or turn.mark is None:
+        return True
+    while True:
+        state = states.get(task)
+        if state is None:
+            return True  # not started by anyio: unknown origin
+        scope = state.cancel_scope
+        while scope is not None and scope._host_task is task:
+            scope = scope._parent_scope
+        if scope is None:
+            return False
+        host = scope._host_task
+        if host is turn.task:
+            # `scope` is the holder's task group: opened during the transition if the
+            # holder's scope at the first callback lies above it.
+            above = scope._parent_scope
+            while above is not None and above._host_task is host:
+                if above is turn.mark:
+                    return True
+                above = above._parent_scope
+            return False
+        task = host
+
+
+def _anyio_task_states() -> Any:
+    try:
+        from anyio._backends import _asyncio
+    except ImportError:  # pragma: no cover - anyio always has it
+        return None
+    return getattr(_asyncio, "_task_states", None)
+
+
 async def may(
     machine: MeteredMachine,
-    table: dict[str, tuple[Step, ...]],
+    dispatch: Dispatch,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> bool:
     """Whether the trigger would run now: `prepare` and the conditions, nothing else."""
     if machine._series is None:
-        raise RuntimeError(f"{type(machine).__name__} machine is closed; triggers need a live one")
-    for step in table.get(machine._state, ()):
+        raise _closed(machine)
+    hooks = dispatch.hooks
+    if hooks is not None and hooks.send_event:
+        event = EventData(machine, dispatch.info, hooks.states[machine._state], args, kwargs)
+        args, kwargs = (event,), {}
+    for step in dispatch.steps.get(machine._state, ()):
         if step.prepare:
-            await _callbacks(machine, step.prepare, args, kwargs)
-        if not step.conditions or await _conditions(machine, step.conditions, args, kwargs):
+            await _callbacks(machine, step.prepare, args, kwargs, None)
+        if not step.conditions or await _conditions(machine, step.conditions, args, kwargs, None):
             return True
     return False

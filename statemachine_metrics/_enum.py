@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -103,6 +106,8 @@ class Enum(MetricWrapperBase):
             self._files = EnumFiles(self._name, self._documentation, labelnames, states)
             if not labelnames:
                 self._file = self._files.file(())
+        if not self._labelvalues:
+            _enums.add(self)
         if registry is not None and not self._labelvalues:
             registry.register(self)
 
@@ -194,8 +199,7 @@ class Enum(MetricWrapperBase):
     def remove(self, *labelvalues: Any) -> None:
         """Remove the series of the given label values (errors as in prometheus_client).
 
-        In multiprocess mode the series stays in this process's value file with every
-        state at 0, until the process is marked dead.
+        In multiprocess mode the series leaves this process's value file too.
         """
         if self._files is None:
             super().remove(*labelvalues)
@@ -212,8 +216,7 @@ class Enum(MetricWrapperBase):
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         """Remove every series whose label values include `labels`.
 
-        In multiprocess mode, removed series stay in this process's value file with every
-        state at 0, until the process is marked dead.
+        In multiprocess mode the series leave this process's value file too.
         """
         if self._files is None:
             super().remove_by_labels(labels)
@@ -233,8 +236,7 @@ class Enum(MetricWrapperBase):
     def clear(self) -> None:
         """Remove every series.
 
-        In multiprocess mode, removed series stay in this process's value file with every
-        state at 0, until the process is marked dead.
+        In multiprocess mode the series leave this process's value file too.
         """
         if self._files is None:
             super().clear()
@@ -243,11 +245,10 @@ class Enum(MetricWrapperBase):
             self._forget(lambda k: True)
 
     def _forget(self, match: Callable[[tuple[str, ...]], bool]) -> None:
-        """Multiprocess mode: drop the matching children and zero their series in the file.
+        """Multiprocess mode: drop the matching children and their series in the file.
 
         prometheus_client warns that it cannot remove label sets in this mode, and leaves
-        their last values; we cannot delete the entries either, but we can make sure that a
-        removed series shows no state.
+        their last values; our series live in a file of our own, which can forget them.
         """
         files = self._files
         assert files is not None
@@ -292,3 +293,17 @@ class Enum(MetricWrapperBase):
             Sample("", sample.labels, sample.value, None, None)
             for sample in self._exposed(self._snapshot()).samples
         ]
+
+
+# Every parent Enum, to give each a fresh lock in a forked child: a thread of the parent
+# may have held one at the fork, and that thread does not exist in the child.
+_enums: weakref.WeakSet[Enum] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for metric in list(_enums):
+        metric._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,21 +7,22 @@ generates the trigger methods.
 
 from __future__ import annotations
 
-import copy
+import difflib
 import inspect
-import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+import itertools
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import anyio
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
-from . import _diagram, _engine, _tasks
+from . import _diagram, _engine, _ops, _tasks, _trigger
 from ._collector import MachineCollector, remember
 from ._definition import Definition, TransitionSpec, metric_for
-from ._engine import Callback, Condition, Step
+from ._engine import Callback, Condition, Dispatch, Hooks, Step
 from ._enum import Enum
-from ._family import DEFAULT_BUCKETS, Family, Series, check_buckets
+from ._events import Listener, StateInfo
+from ._family import DEFAULT_BUCKETS, DEFAULT_TRIGGER_BUCKETS, Family, Series, check_buckets
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -33,6 +34,87 @@ _GENERATED = "__statemachine_metrics_generated__"
 _KEYWORDS = frozenset(
     ("name", "documentation", "labelnames", "namespace", "subsystem", "unit", "registry")
 )
+
+
+#: Called with every machine class that gets its own compiled definition, once created
+#: (instrumentation of classes created later hooks in here).
+class_hooks: list[Callable[[type[MeteredMachine]], None]] = []
+
+# Each machine's key in its family's per-state bookkeeping: unique for the process's life,
+# unlike id(), which a new machine may reuse while a dead one's end is still pending.
+_tokens = itertools.count()
+
+
+class _either:
+    """A method that works on the class (every machine of it) and on one machine."""
+
+    def __init__(self, func: Callable[[Any, Listener], None]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+        self.__name__ = func.__name__
+
+    def __get__(self, instance: object, owner: type | None = None) -> Callable[[Listener], None]:
+        target = owner if instance is None else instance
+        func = self.func
+
+        def bound(fn: Listener) -> None:
+            func(target, fn)
+
+        bound.__doc__ = func.__doc__
+        return bound
+
+
+def _relisten(cls: type[MeteredMachine]) -> None:
+    """Recompute, in place, the listener lists of `cls` and its subclasses."""
+    pending = [cls]
+    while pending:
+        klass = pending.pop()
+        klass._listening[:] = [
+            fn
+            for base in reversed(klass.__mro__)
+            if isinstance(base, type) and issubclass(base, MeteredMachine)
+            for fn in vars(base).get("_own_listeners", ())
+        ]
+        pending.extend(klass.__subclasses__())
+
+
+def _unexpected(cls: type[MeteredMachine], unexpected: Mapping[str, object]) -> NoReturn:
+    names = ", ".join(map(repr, unexpected))
+    family = cls._family
+    labelnames = family.metric._labelnames if family is not None else ()
+    shown = {name: "..." for name in unexpected if name in labelnames}
+    shown = shown or dict.fromkeys(labelnames, "...")
+    hint = (
+        f"; label values go in labels=, e.g. {cls.__qualname__}(labels={shown})".replace(
+            "'...'", "..."
+        )
+        if labelnames
+        else ""
+    )
+    raise TypeError(
+        f"{cls.__qualname__}() got unexpected keyword argument(s) {names}; it takes labels= "
+        f"and initial={hint}"
+    )
+
+
+def _name_clash(cls: type[MeteredMachine], registry: CollectorRegistry) -> str:
+    family = cls._family
+    assert family is not None
+    names = set(family.exposed_names)
+    holders = []
+    for collector, taken in list(registry._collector_to_names.items()):
+        if names.intersection(taken):
+            owners = getattr(collector, "_families", None)
+            described = ", ".join(f"{f.owner} (module {f.module})" for f in owners or ())
+            holders.append(described or type(collector).__name__)
+    where = f"; they belong to {', '.join(holders)}" if holders else ""
+    return (
+        f"{cls.__qualname__}: its metric names are taken in its registry ({family.name!r} and "
+        f"the names derived from it{where}). Give {cls.__qualname__} (module "
+        f"{cls.__module__}) another name= or namespace=, or registry=None to export it only "
+        "through a MachineCollector; a module imported twice (a script also imported by "
+        "name, or importlib.reload) defines its classes twice"
+    )
 
 
 def _inherited_family(cls: type[MeteredMachine]) -> Family | None:
@@ -78,11 +160,21 @@ class MeteredMachine:
     the machine's own callback runs at once, nested in the running transition.
     """
 
-    __slots__ = ("__weakref__", "_entered", "_owner", "_series", "_state", "_timers", "_waiters")
+    __slots__ = (
+        "__weakref__",
+        "_listeners",
+        "_owner",
+        "_series",
+        "_state",
+        "_timers",
+        "_token",
+        "_waiters",
+    )
 
     _state: str
-    _entered: float
-    _owner: object | None
+    _token: int
+    _listeners: tuple[Listener, ...] | None
+    _owner: _engine.Turn | None
     _waiters: Any
     _series: Series | None
     _timers: Any
@@ -95,18 +187,27 @@ class MeteredMachine:
     auto_transitions: ClassVar[bool] = False
     ignore_invalid_triggers: ClassVar[bool | None] = None
     duration_buckets: ClassVar[Sequence[float]] = DEFAULT_BUCKETS
+    trigger_buckets: ClassVar[Sequence[float]] = DEFAULT_TRIGGER_BUCKETS
     timeouts: ClassVar[Mapping[str, tuple[float, str]]] = {}
+    stuck_after: ClassVar[Mapping[str, float]] = {}
 
     _definition: ClassVar[Definition | None] = None
     _family: ClassVar[Family | None] = None
     _index: ClassVar[dict[str, int]] = {}
-    _triggers: ClassVar[dict[str, dict[str, tuple[Step, ...]]]] = {}
+    _triggers: ClassVar[dict[str, Dispatch]] = {}
+    _hooks: ClassVar[Hooks | None] = None
+    # Listeners added on this class, and those of this class and its bases, which every
+    # compiled step of the class holds (one list, changed in place).
+    _own_listeners: ClassVar[list[Listener]] = []
+    _listening: ClassVar[list[Listener]] = []
     _ignore_invalid: ClassVar[frozenset[str]] = frozenset()
     _keywords: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, *, abstract: bool = False, **options: Any) -> None:
         super().__init_subclass__()
         owner = cls.__qualname__
+        cls._own_listeners = []
+        cls._listening = [*cls._listening]
         unknown = sorted(set(options) - _KEYWORDS)
         if unknown:
             raise TypeError(
@@ -129,14 +230,14 @@ class MeteredMachine:
                 )
         parent = cls._definition
         if declares:
-            cls._definition = Definition(cls, abstract, _RESERVED)
+            cls._definition = Definition(cls, abstract, _RESERVED).for_class(cls, abstract)
         elif parent is None:
             cls._family = None  # abstract: its keywords wait for a subclass with states
             return
-        elif abstract != parent.abstract:
-            # A template's subclass is concrete unless it says otherwise, and vice versa.
-            cls._definition = copy.copy(parent)
-            cls._definition.abstract = abstract
+        else:
+            # A template's subclass is concrete unless it says otherwise, and vice versa; a
+            # subclass may set its own machine-level callbacks, send_event and queued.
+            cls._definition = parent.for_class(cls, abstract)
         definition = cls._definition
         assert definition is not None
 
@@ -146,28 +247,43 @@ class MeteredMachine:
             if declares or keywords_given or cls._family is None:
                 buckets = check_buckets(owner, cls.duration_buckets)
                 cls.metric = metric_for(cls, merged, labelnames)
-                family = Family(cls.__name__, cls.metric, buckets, definition.transition_labels)
+                family = Family(
+                    cls.__name__,
+                    cls.metric,
+                    buckets,
+                    definition.transition_labels,
+                    tuple(definition.machine.events),
+                    check_buckets(owner, cls.trigger_buckets, "trigger_buckets"),
+                )
+                family.module = cls.__module__
             else:
                 family = cls._family
         cls._family = family
         _compile(cls, definition)
         _tasks.check_timeouts(cls)
+        _ops.check_stuck_after(cls)
         if family is not None and family is not _inherited_family(cls):
             if registry is not None:
                 try:
                     registry.register(MachineCollector(cls))
-                except ValueError as exc:
-                    raise ValueError(
-                        f"{owner}: its metric names are taken in its registry ({exc})"
-                    ) from None
+                except ValueError:
+                    raise ValueError(_name_clash(cls, registry)) from None
             remember(cls)
+        for hook in class_hooks:
+            hook(cls)
 
     # -- instances -----------------------------------------------------------------------
 
     def __init__(
-        self, *, labels: Mapping[str, object] | None = None, initial: str | None = None
+        self,
+        *,
+        labels: Mapping[str, object] | None = None,
+        initial: str | None = None,
+        **unexpected: NoReturn,
     ) -> None:
         cls = type(self)
+        if unexpected:
+            _unexpected(cls, unexpected)
         family = cls._family
         definition = cls._definition
         if family is None or definition is None:
@@ -185,8 +301,9 @@ class MeteredMachine:
         self._owner = None
         self._waiters = None
         self._timers = None
-        self._entered = time.perf_counter()
-        self._series = family.attach(key, index)
+        self._listeners = None
+        self._token = token = next(_tokens)
+        self._series = family.attach(key, index, token)
 
     @property
     def state(self) -> str:
@@ -214,16 +331,69 @@ class MeteredMachine:
             AttributeError: no trigger has that name.
             transitions.MachineError: the trigger is not valid in the current state.
         """
-        table = type(self)._triggers.get(trigger_name)
-        if table is None:
-            definition = type(self)._definition
+        cls = type(self)
+        dispatch = cls._triggers.get(trigger_name)
+        if dispatch is None:
+            definition = cls._definition
             assert definition is not None
-            if definition.ignore_unknown or self._state in type(self)._ignore_invalid:
+            if definition.ignore_unknown or self._state in cls._ignore_invalid:
                 return False
+            known = list(cls._triggers)
+            close = difflib.get_close_matches(str(trigger_name), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise AttributeError(
-                f"{type(self).__qualname__}: Do not know event named '{trigger_name}'."
+                f"{cls.__qualname__}: Do not know event named {trigger_name!r}{hint} "
+                f"The triggers are {', '.join(known) or 'none'}."
             )
-        return await _engine.fire(self, trigger_name, table, args, kwargs)
+        return await dispatch.fire(self, dispatch, args, kwargs)
+
+    @_either
+    def add_listener(target: MeteredMachine | type[MeteredMachine], fn: Listener) -> None:
+        """Call ``fn(event)`` after every transition that runs: on a class, of every machine
+        of it and its subclasses; on a machine, of that machine.
+
+        `fn` gets a `TransitionEvent` (``.machine``, ``.trigger``, ``.source``, ``.dest``,
+        ``.internal``, ``.time``), synchronously, once the state and the metrics changed.
+        A listener that raises is logged to the ``statemachine_metrics`` logger; the
+        transition stands. Adding one listener twice calls it twice.
+
+            Worker.add_listener(print)        # every Worker
+            w.add_listener(audit)             # this machine only
+        """
+        if not callable(fn):
+            raise TypeError(f"add_listener takes a callable, not {fn!r}")
+        if isinstance(target, type):
+            target._own_listeners.append(fn)
+            _relisten(target)
+        else:
+            target._listeners = (*(target._listeners or ()), fn)
+
+    @_either
+    def remove_listener(target: MeteredMachine | type[MeteredMachine], fn: Listener) -> None:
+        """Stop calling a listener added with `add_listener` on the same class or machine.
+
+        Raises:
+            ValueError: `fn` is not a listener of that class or machine.
+        """
+        if isinstance(target, type):
+            try:
+                target._own_listeners.remove(fn)
+            except ValueError:
+                raise ValueError(
+                    f"{target.__qualname__}.remove_listener: {fn!r} is not a listener of "
+                    f"{target.__qualname__}"
+                ) from None
+            _relisten(target)
+            return
+        listeners = list(target._listeners or ())
+        try:
+            listeners.remove(fn)
+        except ValueError:
+            raise ValueError(
+                f"{type(target).__qualname__}.remove_listener: {fn!r} is not a listener of "
+                "this machine"
+            ) from None
+        target._listeners = tuple(listeners) or None
 
     async def aclose(self) -> None:
         """End the machine: it leaves the counts, and its label set goes with its last
@@ -304,6 +474,8 @@ class MeteredMachine:
             family.transitions_name,
             family.duration_name,
             family.errors_name,
+            family.oldest_name,
+            family.trigger_duration_name,
         )
 
     @classmethod
@@ -318,7 +490,7 @@ class MeteredMachine:
             self._series = None
             family = type(self)._family
             assert family is not None
-            family.detach(series, type(self)._index[self._state])
+            family.detach(series, type(self)._index[self._state], self._token)
 
     def __del__(self) -> None:
         try:
@@ -348,7 +520,11 @@ def _label_key(
         except KeyError:
             pass  # explained below
         else:
-            return (str(picked),) if family.label_count == 1 else tuple(map(str, picked))
+            if family.label_count == 1:
+                if picked is not None:
+                    return (str(picked),)
+            elif None not in picked:
+                return tuple(map(str, picked))
     given = {} if labels is None else labels
     if not isinstance(given, Mapping):
         raise TypeError(f"{cls.__qualname__}: labels must be a dict, got {labels!r}")
@@ -358,6 +534,12 @@ def _label_key(
         raise ValueError(f"{cls.__qualname__}: labels must be exactly {expected}; got {got}")
     if not labelnames:
         return None
+    missing = [name for name in labelnames if given[name] is None]
+    if missing:
+        raise ValueError(
+            f"{cls.__qualname__}: label value of {', '.join(map(repr, missing))} is None; "
+            "give a string (an empty one if there is no value)"
+        )
     return tuple(str(given[name]) for name in labelnames)
 
 
@@ -387,13 +569,61 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
         listed = list(getattr(machine.states[state], kind))
         # transitions' convention: a method named on_enter_<state> / on_exit_<state>.
         method = f"{kind}_{state}"
-        if method not in listed and inspect.isfunction(getattr(cls, method, None)):
+        if method not in listed and _binds_as_method(cls, method):
             listed.append(method)
         return compile_callbacks(listed, f"state {state!r} {kind}")
 
-    enter = {state: state_callbacks("on_enter", state) for state in definition.states}
-    exit_ = {state: state_callbacks("on_exit", state) for state in definition.states}
-    triggers: dict[str, dict[str, tuple[Step, ...]]] = {}
+    callbacks_of = {
+        kind: {state: state_callbacks(kind, state) for state in machine.states}
+        for kind in ("on_enter", "on_exit")
+    }
+
+    def path_callbacks(kind: str, path: Sequence[str]) -> tuple[Callback, ...]:
+        chosen = callbacks_of[kind]
+        return tuple(callback for state in path for callback in chosen[state])
+
+    machine_callbacks: Mapping[str, Sequence[Any]] = getattr(definition, "machine_callbacks", {})
+
+    def hook(name: str) -> tuple[Callback, ...]:
+        return compile_callbacks(list(machine_callbacks.get(name, ())), name)
+
+    before_change, after_change, on_final = (
+        hook("before_state_change"),
+        hook("after_state_change"),
+        hook("on_final"),
+    )
+    finals: frozenset[str] = getattr(definition, "final_states", frozenset())
+    state_on_final: Mapping[str, Sequence[Any]] = getattr(definition, "state_on_final", {})
+
+    def entering(t: Any, source: str) -> tuple[Callback, ...]:
+        callbacks = path_callbacks("on_enter", getattr(t, "enter_path", (t.dest,)))
+        if t.dest in finals:
+            # As AsyncMachine: a final state's own on_final, then the machine's.
+            where = f"state {t.dest!r} on_final"
+            callbacks += compile_callbacks(list(state_on_final.get(t.dest, ())), where)
+            callbacks += on_final
+        return callbacks
+
+    send_event = bool(getattr(definition, "send_event", False))
+    queued = bool(getattr(definition, "queued", False))
+    prepare_event, finalize_event, on_exception = (
+        hook("prepare_event"),
+        hook("finalize_event"),
+        hook("on_exception"),
+    )
+    hooks = None
+    if send_event or queued or prepare_event or finalize_event or on_exception:
+        hooks = Hooks(
+            prepare_event,
+            finalize_event,
+            on_exception,
+            send_event,
+            queued,
+            {state: StateInfo(state, state in finals) for state in machine.states},
+        )
+    cls._hooks = hooks
+
+    triggers: dict[str, Dispatch] = {}
     if family is not None:
         for trigger, event in machine.events.items():
             table: dict[str, tuple[Step, ...]] = {}
@@ -414,30 +644,49 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                                 Condition(compile_callbacks([c.func], where)[0], c.target)
                                 for c in t.conditions
                             ),
-                            before=compile_callbacks(t.before, where),
-                            exit=exit_[source] if t.dest is not None else (),
-                            enter=enter[t.dest] if t.dest is not None else (),
-                            after=compile_callbacks(t.after, where),
+                            before=before_change + compile_callbacks(t.before, where),
+                            # A nested definition gives the states a transition leaves and
+                            # enters, in callback order; a flat one, its source and dest.
+                            exit=()
+                            if t.dest is None
+                            else path_callbacks("on_exit", getattr(t, "exit_path", (source,))),
+                            enter=() if t.dest is None else entering(t, source),
+                            after=compile_callbacks(t.after, where) + after_change,
+                            listening=cls._listening,
                         )
                     )
+                if len(steps) == 1:
+                    only = steps[0]
+                    only.bare = not (
+                        only.prepare
+                        or only.conditions
+                        or only.before
+                        or only.exit
+                        or only.enter
+                        or only.after
+                    )
                 table[source] = tuple(steps)
-            triggers[trigger] = table
-    else:
-        triggers = {trigger: {} for trigger in machine.events}
+            triggers[trigger] = Dispatch(trigger, table, family, hooks)
+    else:  # a template: its triggers are known, and never fired
+        triggers = {trigger: Dispatch(trigger, {}, None, hooks) for trigger in machine.events}
     cls._triggers = triggers
+    _trigger.check(cls, triggers)
 
     generated: dict[str, Any] = {}
 
-    for state in definition.states:
-        generated[f"is_{state}"] = _is_method(cls, state)
-    for trigger, table in triggers.items():
-        generated[f"may_{trigger}"] = _may_method(cls, trigger, table)
-    for trigger, table in triggers.items():
+    substates: Mapping[str, frozenset[str]] = getattr(definition, "substates", None) or {
+        state: frozenset((state,)) for state in definition.states
+    }
+    for state, inside in substates.items():
+        generated[f"is_{state}"] = _is_method(cls, state, inside)
+    for trigger, dispatch in triggers.items():
+        generated[f"may_{trigger}"] = _may_method(cls, trigger, dispatch)
+    for trigger, dispatch in triggers.items():
         if trigger in generated:
             raise ValueError(
                 f"{owner}: trigger {trigger!r} clashes with the generated method {trigger!r}"
             )
-        generated[trigger] = _trigger_method(cls, trigger, table)
+        generated[trigger] = _trigger_method(cls, trigger, dispatch)
     # What a parent generated for its own definition must not reach this class's machines.
     for klass in cls.__mro__[1:]:
         for name, value in vars(klass).items():
@@ -447,7 +696,8 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
         for klass in cls.__mro__:
             if name in vars(klass):
                 existing = vars(klass)[name]
-                if not getattr(existing, _GENERATED, False):
+                declared = isinstance(existing, _trigger.Trigger)  # becomes its method
+                if not (getattr(existing, _GENERATED, False) or declared):
                     what = "trigger" if name in triggers else "generated method"
                     raise ValueError(
                         f"{owner}: {what} {name!r} clashes with the attribute "
@@ -455,6 +705,17 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                     )
                 break
         setattr(cls, name, method)
+
+
+def _binds_as_method(cls: type, name: str) -> bool:
+    """Whether ``instance.<name>`` is a bound method: transitions' test for an
+    ``on_enter_<state>``/``on_exit_<state>`` method (functions and classmethods are, a
+    staticmethod or a callable object is not)."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            raw = vars(klass)[name]
+            return inspect.isfunction(raw) or isinstance(raw, classmethod)
+    return False
 
 
 class _Absent:
@@ -469,11 +730,11 @@ class _Absent:
         raise AttributeError(f"{cls.__qualname__} has no trigger or state method {self.name!r}")
 
 
-def _describe(table: Mapping[str, tuple[Step, ...]]) -> str:
+def _describe(dispatch: Dispatch) -> str:
     moves = sorted(
         {
             f"{s.source} -> {s.dest if s.dest is not None else s.source}"
-            for steps in table.values()
+            for steps in dispatch.steps.values()
             for s in steps
         }
     )
@@ -481,45 +742,71 @@ def _describe(table: Mapping[str, tuple[Step, ...]]) -> str:
 
 
 def _trigger_method(
-    cls: type[MeteredMachine], trigger: str, table: dict[str, tuple[Step, ...]]
+    cls: type[MeteredMachine], trigger: str, dispatch: Dispatch
 ) -> Callable[..., Any]:
-    fire = _engine.fire
-
     async def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
-        return await fire(self, trigger, table, args, kwargs)
+        return await dispatch.fire(self, dispatch, args, kwargs)
 
     method.__name__ = trigger
     method.__qualname__ = f"{cls.__qualname__}.{trigger}"
     method.__doc__ = (
-        f"Fire {trigger!r} ({_describe(table)}). True if a transition ran, False if a "
+        f"Fire {trigger!r} ({_describe(dispatch)}). True if a transition ran, False if a "
         "condition stopped it; MachineError if it is not valid in the current state."
     )
     setattr(method, _GENERATED, True)
     return method
 
 
+class _Maybe:
+    """What ``may_<trigger>()`` returns: awaitable once, and never true unawaited."""
+
+    __slots__ = ("_coroutine", "_name")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, bool], name: str) -> None:
+        self._coroutine = coroutine
+        self._name = name
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._coroutine.__await__()
+
+    def __bool__(self) -> bool:
+        self._coroutine.close()
+        raise TypeError(
+            f"{self._name}() must be awaited: write 'if await machine.{self._name}():'; "
+            "an unawaited call is a coroutine, not an answer"
+        )
+
+
 def _may_method(
-    cls: type[MeteredMachine], trigger: str, table: dict[str, tuple[Step, ...]]
-) -> Callable[..., Any]:
+    cls: type[MeteredMachine], trigger: str, dispatch: Dispatch
+) -> Callable[..., Awaitable[bool]]:
     may = _engine.may
+    name = f"may_{trigger}"
 
-    async def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
-        return await may(self, table, args, kwargs)
+    def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> Awaitable[bool]:
+        return _Maybe(may(self, dispatch, args, kwargs), name)
 
-    method.__name__ = f"may_{trigger}"
-    method.__qualname__ = f"{cls.__qualname__}.may_{trigger}"
-    method.__doc__ = f"Whether {trigger!r} would run now (runs prepare and conditions only)."
+    method.__name__ = name
+    method.__qualname__ = f"{cls.__qualname__}.{name}"
+    method.__doc__ = (
+        f"Whether {trigger!r} would run now (runs prepare and conditions only); await it."
+    )
     setattr(method, _GENERATED, True)
     return method
 
 
-def _is_method(cls: type[MeteredMachine], state: str) -> Callable[..., Any]:
-    def method(self: MeteredMachine) -> bool:
+def _is_method(cls: type[MeteredMachine], state: str, inside: frozenset[str]) -> Callable[..., Any]:
+    def method(self: MeteredMachine, allow_substates: bool = False) -> bool:
+        if allow_substates:
+            return self._state in inside
         return self._state == state
 
     method.__name__ = f"is_{state}"
     method.__qualname__ = f"{cls.__qualname__}.is_{state}"
-    method.__doc__ = f"Whether the machine is in state {state!r}."
+    method.__doc__ = (
+        f"Whether the machine is in state {state!r} (with `allow_substates`, or in one of "
+        "its nested states)."
+    )
     setattr(method, _GENERATED, True)
     return method
 

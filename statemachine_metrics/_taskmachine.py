@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 import anyio
 
 from ._machine import MeteredMachine
-from ._tasks import P, T, _Decorator, _fire, _settle, _Trigger, enter, exit
+from ._tasks import P, T, _Decorator, _fire, _settle, enter, exit
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -163,7 +163,7 @@ class TaskMachine(MeteredMachine, abstract=True):
             raise TypeError(f"@{owner}.task: labels= given, but {owner} has no labelnames")
         if labels is not None and not callable(labels):
             raise TypeError(f"@{owner}.task: labels must be a function, got {labels!r}")
-        start, succeed, fail, cancel = (_Trigger(n, cls._triggers[n]) for n in _TASK_TRIGGERS)
+        start, succeed, fail, cancel = (cls._triggers[n] for n in _TASK_TRIGGERS)
         final = cls.final_states
 
         @functools.wraps(func)

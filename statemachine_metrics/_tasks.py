@@ -28,7 +28,7 @@ from typing import (
 import anyio
 
 from . import _engine
-from ._engine import Step
+from ._engine import Dispatch
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -45,7 +45,6 @@ logger = logging.getLogger("statemachine_metrics")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_Table = dict[str, tuple[Step, ...]]
 _NONE: frozenset[str] = frozenset()
 _PLAN = "_statemachine_metrics_timeouts"
 
@@ -56,29 +55,33 @@ class _Decorator(Protocol):
     ) -> Callable[P, Coroutine[Any, Any, T]]: ...
 
 
-class _Trigger(NamedTuple):
-    """A trigger resolved once: its name and its compiled dispatch table."""
-
-    name: str
-    table: _Table
+#: A trigger resolved once: its compiled dispatch (``.name``, ``.fire``).
+_Trigger = Dispatch
 
 
 def _resolve(cls: type[MeteredMachine], name: object, where: str, role: str = "") -> _Trigger:
     for_role = f" for {role}" if role else ""
     if not isinstance(name, str):
         raise TypeError(f"{where}: expected a trigger name{for_role}, got {name!r}")
-    table = cls._triggers.get(name)
-    if table is None:
+    dispatch = cls._triggers.get(name)
+    if dispatch is None:
         known = ", ".join(cls._triggers) or "none"
         raise ValueError(f"{where}: unknown trigger {name!r}{for_role}; triggers are {known}")
-    return _Trigger(name, table)
+    return dispatch
+
+
+_NO_ARGS: tuple[Any, ...] = ()
 
 
 async def _fire(machine: MeteredMachine, trigger: _Trigger, final: Collection[str] = ()) -> bool:
     """Fire `trigger` without arguments; with `final`, not if the machine is in one of
     those states when the trigger's turn comes (a timeout may have finished it)."""
+    if final and machine._owner is None:
+        if machine._state in final:
+            return False
+        return await trigger.fire(machine, trigger, _NO_ARGS, {})
     still = (lambda: machine._state not in final) if final else None
-    return await _engine.fire(machine, trigger.name, trigger.table, (), {}, still)
+    return await trigger.fire(machine, trigger, _NO_ARGS, {}, still)
 
 
 # -- the way out of a body -------------------------------------------------------------
@@ -362,7 +365,7 @@ class _Timers:
             )
 
         try:
-            await _engine.fire(machine, entry.trigger.name, entry.trigger.table, (), {}, still_due)
+            await entry.trigger.fire(machine, entry.trigger, (), {}, still_due)
         except Exception:
             logger.exception(
                 "%s: the timeout of state %r fired %r, which raised; the machine's timeouts go on",

@@ -80,6 +80,8 @@ def test_names_types_and_labels_match_the_design() -> None:
         "coll_worker_state_transitions_total",
         "coll_worker_state_duration_seconds",
         "coll_worker_state_errors_total",
+        "coll_worker_state_oldest_seconds",
+        "coll_worker_state_trigger_duration_seconds",
     )
     values = families(registry)
     del machine
@@ -118,7 +120,7 @@ def test_subclass_sharing_metrics_is_exported_once() -> None:
     job, logged = Job(), LoggedJob()
     assert LoggedJob.metric is Job.metric
     names = [family.name for family in registry.collect()]
-    assert len(names) == len(set(names)) == 5
+    assert len(names) == len(set(names)) == 7
     counts = families(registry)["coll_job_state_machines"]
     assert {labels["coll_job_state"]: v for labels, v in counts}["idle"] == 2
     del job, logged

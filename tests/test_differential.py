@@ -22,6 +22,15 @@ What the definitions contain:
   some raising an exception (again as the table says for the arguments). Every callback
   and condition method logs its name and arguments.
 
+Each feature of "Coming from transitions" has its own test on top of that (so that a
+failure shrinks to the feature that broke): machine-level callbacks (``prepare_event``,
+``before_state_change``, ``after_state_change``, ``finalize_event``, ``on_exception``,
+``on_final``, as method names and as plain functions) with final states; ``send_event``
+(every callback logs the fields of the event data it gets); ``queued``; states given as an
+`enum.Enum` class or as its members; ``ordered_transitions``. Callbacks that fire a
+trigger of their own machine (``f0``, ``f1``, within a budget per call) come with the
+machine-level callbacks and with ``queued``.
+
 What runs: trigger methods with positional and keyword arguments, ``trigger(name)`` with
 known and unknown names, ``may_<trigger>()``, in states where they are valid or not.
 
@@ -30,7 +39,9 @@ or equal after our ``"<ClassName>: "`` prefix), the state, ``is_<state>()``, the
 log, and the metrics: the class's `Enum` (1 exactly for the current state), and through
 `MachineCollector`: ``_machines`` (1 for the current state), ``_transitions_total`` per
 (from, to, trigger), the ``_duration_seconds`` count per state left, and ``_errors_total``
-per (trigger, exception class). The expected counts are taken from the reference: a
+per (trigger, exception class), counted under the trigger that raised (a nested or queued
+trigger under its own name), also when ``on_exception`` takes the exception and the
+trigger returns False. The expected counts are taken from the reference: a
 transition counts once its state change happens (internal ones once their ``before``
 callbacks are done, with to == from), so one whose ``on_enter`` or ``after`` raises counts
 too; every trigger call that raises counts an error, including `MachineError`, while
@@ -41,7 +52,10 @@ Known, intended differences (docs/machines.md), not tested here:
 - concurrent triggers of one machine are serialized instead of cancelling each other;
 - cancellation propagates instead of making the trigger return False;
 - our `MachineError` and unknown-trigger messages start with the class name
-  (``"Diff: Can't trigger event t0 from state s1!"``);
+  (``"Diff: Can't trigger event t0 from state s1!"``) and say more after transitions' text;
+- with ``queued = True``, a trigger called from outside returns whether its own transition
+  ran (`AsyncMachine` returns True whatever happened); one called from a callback is
+  queued and returns True, as there;
 - the callbacks of one list (and the conditions plus unless of one transition) run in
   turn, each awaited before the next starts, where `AsyncMachine` starts them in the same
   order as tasks that overlap through `asyncio.gather`. So a coroutine that suspends
@@ -58,8 +72,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import enum
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
@@ -68,7 +83,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transitions import MachineError
-from transitions.extensions.asyncio import AsyncMachine
+from transitions.extensions.asyncio import AsyncEvent, AsyncMachine
 
 from statemachine_metrics import MachineCollector, MeteredMachine
 
@@ -94,6 +109,7 @@ class Behaviour:
     is_async: bool = False
     late_log: bool = False  # async: log after the first checkpoint rather than before
     error: type[Exception] | None = None  # raised for the argument keys the table says
+    fires: bool = False  # fires the trigger the case names for it, on its own machine
 
 
 PLAIN = Behaviour()
@@ -124,7 +140,21 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "ac1": Behaviour(is_async=True, late_log=True),
     "rc0": Behaviour(error=Bust),
     "arc0": Behaviour(is_async=True, late_log=True, error=Boom),
+    "f0": Behaviour(is_async=True, fires=True),
+    "f1": Behaviour(is_async=True, fires=True),
 }
+#: Callbacks that fire a trigger: last in a list, and only where the state has changed.
+FIRING_CALLBACKS = ("f0", "f1")
+#: How many triggers the firing callbacks may fire during one call (so none loops forever).
+FIRE_BUDGET = 2
+MACHINE_CALLBACKS = (
+    "prepare_event",
+    "before_state_change",
+    "after_state_change",
+    "finalize_event",
+    "on_exception",
+    "on_final",
+)
 DYNAMIC_BEHAVIOURS = (
     PLAIN,
     ASYNC,
@@ -139,7 +169,7 @@ DRAWN_RESULTS = (True, True, False, False, *RESULTS)
 DRAWN_RAISES = (False, False, False, True)
 ARG_KEYS = 3
 
-Entry = tuple[str, tuple[Any, ...], dict[str, Any]]
+Entry = tuple[Any, ...]
 
 
 def arg_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
@@ -164,6 +194,13 @@ class Case:
     results: dict[str, tuple[object, ...]]  # condition results, per argument key
     raises: dict[str, tuple[bool, ...]]  # whether a raising method raises, per argument key
     ops: list[Op]
+    #: Machine-level callbacks: attribute -> a name, a "fn:<name>" function, or a list.
+    machine: dict[str, Any] = field(default_factory=dict)
+    send_event: bool = False
+    queued: bool = False
+    enum_form: str | None = None  # states as an Enum "class", or as its "members"
+    ordered: Any = None  # ordered_transitions: True or a dict
+    fires: dict[str, str] = field(default_factory=dict)  # firing callback -> trigger
 
     @property
     def state_names(self) -> list[str]:
@@ -171,11 +208,106 @@ class Case:
 
     @property
     def triggers(self) -> list[str]:
-        names = (t[0] if isinstance(t, list) else t["trigger"] for t in self.transitions)
+        names = [t[0] if isinstance(t, list) else t["trigger"] for t in self.transitions]
+        if self.ordered is not None:
+            ordered = {} if self.ordered is True else self.ordered
+            names.append(ordered.get("trigger", "next_state"))
         return list(dict.fromkeys(names))
 
 
-def make_method(name: str, behaviour: Behaviour, case: Case, log: list[Entry]) -> Any:
+def _name(value: Any) -> Any:
+    """A state's name, whether it is given as a name, an Enum member or a state object."""
+    return getattr(value, "name", value)
+
+
+def snapshot(event: Any) -> tuple[Any, ...]:
+    """What a callback sees of the event data it gets with ``send_event``."""
+    transition = event.transition
+    error = event.error
+    return (
+        event.event.name,
+        _name(event.state),
+        None if transition is None else (_name(transition.source), _name(transition.dest)),
+        tuple(event.args),
+        dict(event.kwargs),
+        None if error is None else type(error).__name__,
+        event.result,
+    )
+
+
+class Side:
+    """What the callbacks of one side (reference or ours) share: the log and the budget."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.log: list[Entry] = []
+        self.budget = FIRE_BUDGET
+        self.functions: dict[str, Any] = {}
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The trigger's arguments, and what to log of them, however the callback got them."""
+        if self.case.send_event:
+            (event,) = args
+            return tuple(event.args), dict(event.kwargs), snapshot(event), event
+        return args, kwargs, (args, kwargs), None
+
+    def function(self, marker: str) -> Any:
+        """The plain function (no self) a "fn:<name>" marker stands for, one per side."""
+        if marker not in self.functions:
+
+            def function(*args: Any, **kwargs: Any) -> None:
+                self.log.append((marker, self.arguments(args, kwargs)[2]))
+
+            function.__name__ = marker.replace(":", "_")
+            self.functions[marker] = function
+        return self.functions[marker]
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self.resolve(item) for item in value]
+        if isinstance(value, str) and value.startswith("fn:"):
+            return self.function(value)
+        return value
+
+    def machine_options(self) -> dict[str, Any]:
+        case = self.case
+        options = {name: self.resolve(value) for name, value in case.machine.items()}
+        return {**options, "send_event": case.send_event, "queued": case.queued}
+
+
+_ENUMS: dict[tuple[str, ...], type[enum.Enum]] = {}
+
+
+def declared(case: Case) -> tuple[Any, list[Any], Any]:
+    """The case's states, transitions and initial state, as the case gives them: with
+    names, or with the members of an Enum (one class per list of names, for both sides)."""
+    states = copy.deepcopy(case.states)
+    transitions = copy.deepcopy(case.transitions)
+    if case.enum_form is None:
+        return states, transitions, case.initial
+    names = tuple(case.state_names)
+    members: Any = _ENUMS.setdefault(names, enum.Enum("States", names))  # type: ignore[misc]
+
+    def member(value: Any) -> Any:
+        if isinstance(value, list):
+            return [member(v) for v in value]
+        return members[value] if isinstance(value, str) and value in names else value
+
+    if case.enum_form == "class" and all(isinstance(s, str) for s in states):
+        given: Any = members
+    else:
+        given = [member(s) if isinstance(s, str) else {**s, "name": member(s["name"])} for s in states]
+    for entry in transitions:
+        for key, index in (("source", 1), ("dest", 2)):
+            if isinstance(entry, list):
+                entry[index] = member(entry[index])
+            else:
+                entry[key] = member(entry[key])
+    return given, transitions, member(case.initial)
+
+
+def make_method(name: str, behaviour: Behaviour, side: Side) -> Any:
+    case = side.case
     results = case.results.get(name)
     raises = case.raises.get(name)
     error = behaviour.error
@@ -186,32 +318,55 @@ def make_method(name: str, behaviour: Behaviour, case: Case, log: list[Entry]) -
             raise error(f"{name} raised for key {key}")
         return None if results is None else results[key]
 
+    def seen(self: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        args, kwargs, logged, event = side.arguments(args, kwargs)
+        if event is not None:
+            logged = (*logged, event.model is self)
+        return args, kwargs, logged
+
+    if behaviour.fires:
+
+        async def firing(self: object, *args: Any, **kwargs: Any) -> None:
+            target = case.fires.get(name, case.triggers[0])
+            side.log.append((name, seen(self, args, kwargs)[2], target))
+            if side.budget <= 0:
+                return
+            side.budget -= 1
+            await anyio.lowlevel.checkpoint()
+            result = await getattr(self, target)()
+            side.log.append((name, "returned", result))
+
+        firing.__name__ = name
+        return firing
+
     if behaviour.is_async:
 
         async def async_method(self: object, *args: Any, **kwargs: Any) -> object:
+            args, kwargs, logged = seen(self, args, kwargs)
             if not behaviour.late_log:
-                log.append((name, args, kwargs))
+                side.log.append((name, logged))
             await anyio.lowlevel.checkpoint()
             if behaviour.late_log:
-                log.append((name, args, kwargs))
+                side.log.append((name, logged))
             return outcome(args, kwargs)
 
         async_method.__name__ = name
         return async_method
 
     def method(self: object, *args: Any, **kwargs: Any) -> object:
-        log.append((name, args, kwargs))
+        args, kwargs, logged = seen(self, args, kwargs)
+        side.log.append((name, logged))
         return outcome(args, kwargs)
 
     method.__name__ = name
     return method
 
 
-def namespace(case: Case, log: list[Entry]) -> dict[str, Any]:
+def namespace(side: Side) -> dict[str, Any]:
     """The methods and attributes that both the model and our class carry."""
-    ns: dict[str, Any] = dict(case.constants)
-    for name, behaviour in {**BEHAVIOURS, **case.dynamic}.items():
-        ns[name] = make_method(name, behaviour, case, log)
+    ns: dict[str, Any] = dict(side.case.constants)
+    for name, behaviour in {**BEHAVIOURS, **side.case.dynamic}.items():
+        ns[name] = make_method(name, behaviour, side)
     return ns
 
 
@@ -374,21 +529,44 @@ async def perform(machine: Any, op: Op) -> Outcome:
     return Returned(result)
 
 
+class RecordingEvent(AsyncEvent):
+    """transitions' event, noting which trigger runs, what it returns and what it raises."""
+
+    machine: Reference
+
+    async def _trigger(self, event_data: Any) -> Any:
+        machine = self.machine
+        machine.running.append(self.name)
+        try:
+            result = await super()._trigger(event_data)
+        except Exception as exc:
+            machine.raised[(self.name, type(exc).__name__)] += 1
+            raise
+        finally:
+            machine.running.pop()
+        machine.results.append(result)
+        return result
+
+
 class Reference(AsyncMachine):
     """`AsyncMachine` noting where our metrics count a transition; behaviour unchanged."""
+
+    event_cls = RecordingEvent
 
     def __init__(self, **kwargs: Any) -> None:
         self.counted: Counter[tuple[str, str, str]] = Counter()
         self.left: Counter[str] = Counter()
-        self.firing = ""
+        self.raised: Counter[tuple[str, str]] = Counter()
+        self.running: list[str] = []
+        self.results: list[bool] = []
         self.recording = False
+        self.checking = False  # in may_<trigger>(), which counts no errors
         super().__init__(**kwargs)
 
     def set_state(self, state: Any, model: Any = None) -> None:
         if self.recording:
-            source = model.state
-            dest = state if isinstance(state, str) else state.name
-            self.counted[(source, dest, self.firing)] += 1
+            source = _name(model.state)
+            self.counted[(source, _name(state), self.running[-1])] += 1
             self.left[source] += 1
         super().set_state(state, model)
 
@@ -398,40 +576,51 @@ class Reference(AsyncMachine):
             # An internal transition has passed its `before` callbacks: it ran.
             source = transition.source
             self.counted[(source, source, event_data.event.name)] += 1
+        if funcs is self._on_exception and not self.checking:
+            # on_exception takes the exception: the trigger still counts an error.
+            self.raised[(event_data.event.name, type(event_data.error).__name__)] += 1
         await super().callbacks(funcs, event_data)
 
 
-async def run_reference(case: Case) -> tuple[str, list[Observation]]:
-    log: list[Entry] = []
-    model: Any = type("Model", (), namespace(case, log))()
+async def run_reference(case: Case) -> tuple[Any, list[Observation]]:
+    side = Side(case)
+    model: Any = type("Model", (), namespace(side))()
+    states, transitions, initial = declared(case)
+    options = side.machine_options()
     machine = Reference(
         model=model,
-        states=copy.deepcopy(case.states),
-        transitions=copy.deepcopy(case.transitions),
-        initial=case.initial or case.state_names[0],
+        states=states,
+        transitions=transitions,
+        initial=initial or states[0],
         auto_transitions=False,
+        ordered_transitions=case.ordered is True,
+        **options,
     )
-    initial = model.state
+    if isinstance(case.ordered, dict):
+        machine.add_ordered_transitions(**copy.deepcopy(side.resolve(case.ordered)))
+    start = model.state
     machine.recording = True
-    triggers = set(case.triggers)
-    errors: Counter[tuple[str, str]] = Counter()
     trace = []
     for op in case.ops:
-        machine.firing = op.name
+        side.budget = FIRE_BUDGET
+        machine.results.clear()
+        machine.checking = op.kind == "may"
         outcome = await perform(model, op)
-        if isinstance(outcome, Raised) and op.kind != "may" and op.name in triggers:
-            errors[(op.name, outcome.type.__name__)] += 1
+        if case.queued and op.kind != "may" and isinstance(outcome, Returned):
+            # AsyncMachine's queued trigger returns True whatever happened; ours returns
+            # what its own transition did, as the first trigger of the call returned.
+            outcome = Returned(machine.results[0] if machine.results else outcome.value)
         trace.append(
             Observation(
                 outcome,
                 model.state,
-                list(log),
+                list(side.log),
                 dict(machine.counted),
                 dict(machine.left),
-                dict(errors),
+                dict(machine.raised),
             )
         )
-    return initial, trace
+    return start, trace
 
 
 def assert_same_outcome(cls: type, ours: Outcome, expected: Outcome) -> None:
@@ -443,13 +632,19 @@ def assert_same_outcome(cls: type, ours: Outcome, expected: Outcome) -> None:
     assert isinstance(ours, Raised), f"ours returned {ours}, the reference raised {expected}"
     assert issubclass(ours.type, expected.type), (ours, expected)
     if ours.args != expected.args:
-        # MachineError and the unknown-trigger AttributeError name our class first.
+        # MachineError and the unknown-trigger AttributeError name our class first, and
+        # may say more after transitions' own message.
         assert issubclass(expected.type, (MachineError, AttributeError)), (ours, expected)
-        assert ours.args == (f"{cls.__name__}: {expected.args[0]}",)
+        (message,) = ours.args
+        assert message.startswith(f"{cls.__name__}: {expected.args[0].rstrip('.')}"), (
+            ours,
+            expected,
+        )
 
 
-def assert_metrics(cls: Any, state: str, expected: Observation | None) -> None:
-    enum_name, machines, transitions, duration, errors = cls.metric_names()
+def assert_metrics(cls: Any, state: Any, expected: Observation | None) -> None:
+    state = _name(state)
+    enum_name, machines, transitions, duration, errors, *_ = cls.metric_names()
     states = cls.state_names()
     current = {s: (1.0 if s == state else 0.0) for s in states}
 
@@ -479,25 +674,33 @@ def assert_metrics(cls: Any, state: str, expected: Observation | None) -> None:
         assert raised == expected.errors
 
 
-async def replay(case: Case, initial: str, trace: list[Observation]) -> None:
-    log: list[Entry] = []
-    ns = namespace(case, log)
-    ns["states"] = copy.deepcopy(case.states)
-    ns["transitions"] = copy.deepcopy(case.transitions)
-    if case.initial is not None:
-        ns["initial"] = case.initial
-    cls: Any = type("Diff", (MeteredMachine,), ns, registry=None)
+def machine_class(side: Side) -> Any:
+    """The case as a `MeteredMachine` class."""
+    case = side.case
+    ns = {**namespace(side), **side.machine_options()}
+    ns["states"], ns["transitions"], initial = declared(case)
+    if initial is not None:
+        ns["initial"] = initial
+    if case.ordered is not None:
+        ns["ordered_transitions"] = side.resolve(copy.deepcopy(case.ordered))
+    return type("Diff", (MeteredMachine,), ns, registry=None)
+
+
+async def replay(case: Case, initial: Any, trace: list[Observation]) -> None:
+    side = Side(case)
+    cls = machine_class(side)
     machine = cls()
     assert machine.state == initial
     assert_metrics(cls, initial, None)
     for i, (op, expected) in enumerate(zip(case.ops, trace)):
+        side.budget = FIRE_BUDGET
         outcome = await perform(machine, op)
         where = f"after ops[{i}] = {op}"
+        assert side.log == expected.log, where
         assert_same_outcome(cls, outcome, expected.outcome)
         assert machine.state == expected.state, where
         for state in case.state_names:
-            assert getattr(machine, f"is_{state}")() == (state == expected.state), where
-        assert log == expected.log, where
+            assert getattr(machine, f"is_{state}")() == (state == _name(expected.state)), where
         assert_metrics(cls, expected.state, expected)
 
 
@@ -592,9 +795,8 @@ def test_async_callbacks_start_in_list_order(
 
 
 def _log_of_ours(case: Case, backend: str) -> list[Entry]:
-    log: list[Entry] = []
-    ns = {**namespace(case, log), "states": case.states, "transitions": case.transitions}
-    cls: Any = type("Diff", (MeteredMachine,), ns, registry=None)
+    side = Side(case)
+    cls = machine_class(side)
 
     async def run() -> None:
         machine = cls()
@@ -602,7 +804,7 @@ def _log_of_ours(case: Case, backend: str) -> list[Entry]:
             await perform(machine, op)
 
     anyio.run(run, backend=backend)
-    return log
+    return side.log
 
 
 @pytest.mark.parametrize(
