@@ -1,29 +1,45 @@
 """Machine metrics in prometheus_client's multiprocess mode.
 
-When ``PROMETHEUS_MULTIPROC_DIR`` is set as prometheus_client is imported, its
-`values.ValueClass` is an mmap-backed value that writes to one file per process and kind
-(``gauge_liveall_<pid>.db``, ``counter_<pid>.db``, ...), and
-`prometheus_client.multiprocess.MultiProcessCollector` merges those files at scrape time. We
-write through that same value class, so our samples share the files of the process's other
-prometheus_client metrics and merge exactly as theirs do:
+When ``PROMETHEUS_MULTIPROC_DIR`` is set as prometheus_client is imported, every process
+writes its metric values to files named ``<type>[_<mode>]_<pid>.db`` in that directory, and
+`prometheus_client.multiprocess.MultiProcessCollector` merges them at scrape time;
+`mark_process_dead(pid)` deletes a dead process's ``gauge_live*_<pid>.db`` files. Machine
+metrics go to the same files, stored the way prometheus_client stores its own:
 
-- the Enum: a gauge in mode ``liveall``, one series per live process (``pid`` label);
-- ``<name>_machines``: a gauge in mode ``livesum``, summed over live processes;
+- ``<name>_machines``: gauge, mode ``livesum`` (summed over live processes);
+- ``<name>_oldest_timestamp_seconds``: gauge, mode ``livemin``: when the longest-staying live
+  machine entered each state, over live processes (``+Inf`` for none);
 - ``<name>_transitions_total``, ``<name>_errors_total``: counters, and
-  ``<name>_duration_seconds``: a histogram, summed over all processes, dead ones included.
+  ``<name>_duration_seconds``, ``<name>_trigger_duration_seconds``: histograms, summed over
+  all processes, dead ones included.
 
-The family's in-memory lists stay the single-process truth; a mirror copies each update into
-the files under the family's lock. A transition costs at most seven value writes: the Enum
-series (old state to 0, new state to 1), the two ``_machines`` counts, the transition
-counter, and the histogram's bucket and sum. Value files cannot delete an entry, so a series
-that goes away is written with every state at 0; its label set leaves the merged output when
-`mark_process_dead` deletes the process's live files.
+These have a fixed set of label sets, so they are written through prometheus_client's own
+value class (`values.ValueClass`), sharing the process's files with its other metrics.
+
+The Enum is different: one series per label set, and label sets come and go with machines.
+prometheus_client's value files can never drop an entry, and its value class keeps every
+value it made for the life of the process. So the Enum series are kept in a file of our
+own, `LiveFile`, with the name and format prometheus_client gives a ``liveall`` gauge
+(``gauge_liveall_<pid>.db``): `MultiProcessCollector` reads it (one series per live process,
+with a ``pid`` label) and `mark_process_dead` deletes it, with nothing for users to add. As
+we alone write it, we can forget a label set: its entries are zeroed at once, and the file
+is rewritten without them (a new file renamed over the old one, so that a concurrent scrape
+reads the old file or the new, whole) as soon as they make up half of it.
+
+Every write, ours and prometheus_client's value writes on our behalf, happens under one
+process-wide lock, `_lock`, which a fork waits for: a child never inherits a half-done
+write, nor prometheus_client's value lock held by one of our threads.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import logging
+import math
+import mmap
 import os
+import struct
 import threading
 import weakref
 from bisect import bisect_left
@@ -35,9 +51,23 @@ from prometheus_client import values
 if TYPE_CHECKING:
     from ._family import Family
 
-__all__ = ["EnumFiles", "FamilyFiles", "FamilyMirror", "StateFile", "enabled", "family_mirror"]
+__all__ = [
+    "EnumFiles",
+    "FamilyFiles",
+    "FamilyMirror",
+    "LiveFile",
+    "StateFile",
+    "check_labelnames",
+    "enabled",
+    "family_mirror",
+]
+
+logger = logging.getLogger("statemachine_metrics")
 
 Key = tuple[str, ...]
+
+#: The label `MultiProcessCollector` adds to every series of a ``liveall`` gauge.
+PID_LABEL = "pid"
 
 
 class FamilyMirror(Protocol):
@@ -64,20 +94,24 @@ class FamilyMirror(Protocol):
     def error(self, trigger: str, error: str) -> None:
         """`trigger` raised an exception of class `error`."""
 
+    def triggered(self, index: int, elapsed: float) -> None:
+        """Trigger `family.trigger_names[index]` returned `elapsed` seconds after its turn
+        started."""
+
+    def oldest(self, state: int, since: float | None) -> None:
+        """The oldest live machine of this process in `state` entered it at `since`
+        (``time.time()``), or there is none (None). Called when it changes."""
+
     def reset(self) -> None:
         """The family's counters and histograms went back to zero."""
 
 
 class _Value(Protocol):
-    """What we use of prometheus_client's `MmapedValue`."""
+    """What we use of prometheus_client's value class."""
 
     def inc(self, amount: float) -> None: ...
 
     def set(self, value: float, timestamp: float | None = None) -> None: ...
-
-
-class _Lock(Protocol):
-    def locked(self) -> bool: ...
 
 
 def enabled() -> bool:
@@ -87,6 +121,21 @@ def enabled() -> bool:
     prometheus_client was imported (with ``PROMETHEUS_MULTIPROC_DIR`` set or not).
     """
     return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def check_labelnames(owner: str, labelnames: Sequence[str]) -> None:
+    """Refuse label names that multiprocess mode cannot show (only when it is on).
+
+    Raises:
+        ValueError: for a label named ``pid``, which `MultiProcessCollector` replaces with
+            the process id in every Enum series.
+    """
+    if PID_LABEL in labelnames and enabled():
+        raise ValueError(
+            f"{owner}: label name {PID_LABEL!r} is taken in prometheus_client's multiprocess "
+            "mode (PROMETHEUS_MULTIPROC_DIR is set): the merged output labels each process's "
+            f"series with its {PID_LABEL!r}; rename the label (for example to 'worker_pid')"
+        )
 
 
 def _value(
@@ -105,97 +154,295 @@ def _value(
     return value
 
 
+# -- the process's own liveall file ---------------------------------------------------------
+
+# The value file format of prometheus_client's `MmapedDict`, which `MultiProcessCollector`
+# reads: a 4-byte count of the bytes used, 4 bytes of padding, then entries of a 4-byte key
+# length, the UTF-8 key (a JSON list) padded with spaces to 8-byte alignment, and two
+# doubles: the value and a timestamp.
+_INT = struct.Struct("i")
+_DOUBLE = struct.Struct("d")
+_TWO_DOUBLES = struct.Struct("dd")
+_MIN_CAPACITY = 1 << 16
+_PACKED = {0.0: _DOUBLE.pack(0.0), 1.0: _DOUBLE.pack(1.0)}
+
+
+def _entry_head(key: str) -> bytes:
+    """An entry's length and key, padded so that its value starts 8-byte aligned."""
+    encoded = key.encode("utf-8")
+    return _INT.pack(len(encoded)) + encoded + b" " * (8 - (len(encoded) + 4) % 8)
+
+
+class Group:
+    """Entries of the live file that come and go together (one Enum series).
+
+    `values` is the truth the file is rebuilt from; `positions` are where the values sit
+    in the current file (rewritten by a compaction).
+    """
+
+    __slots__ = ("heads", "positions", "size", "values")
+
+    def __init__(self, heads: Sequence[bytes], values: list[float]) -> None:
+        self.heads = tuple(heads)
+        self.values = values
+        self.positions = [0] * len(self.heads)
+        self.size = sum(len(h) for h in self.heads) + 16 * len(self.heads)
+
+
+class LiveFile:
+    """This process's ``gauge_liveall_<pid>.db``, written by this library alone.
+
+    Entries are appended as prometheus_client appends them, values are written in place,
+    and removed entries are zeroed and then dropped by rewriting the file. All methods run
+    under `_lock`.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[Group, None] = {}  # live groups, in file order
+        self.mm: mmap.mmap | None = None
+        self.fd = -1
+        self.pid = 0
+        self.used = 8
+        self.capacity = 0
+        self.live_bytes = 0
+        self.dead_bytes = 0
+        self.rewrites = 0
+
+    # -- what a series does -------------------------------------------------------------
+
+    def add(self, group: Group) -> None:
+        """Append `group`'s entries, with their values."""
+        self.groups[group] = None
+        self.live_bytes += group.size
+        mm = self.mm
+        if mm is None or self.used + group.size > self.capacity or self._foreign():
+            self.rewrite()
+            return
+        position = self.used
+        chunks = []
+        for i, head in enumerate(group.heads):
+            chunks.append(head)
+            position += len(head)
+            group.positions[i] = position
+            chunks.append(_TWO_DOUBLES.pack(group.values[i], 0.0))
+            position += 16
+        mm[self.used : position] = b"".join(chunks)
+        # The count last: a concurrent reader sees the new entries whole, or not at all.
+        mm[0:4] = _INT.pack(position)
+        self.used = position
+
+    def set(self, group: Group, index: int, value: float) -> None:
+        group.values[index] = value
+        mm = self.mm
+        if mm is not None:
+            position = group.positions[index]
+            mm[position : position + 8] = _PACKED.get(value) or _DOUBLE.pack(value)
+
+    def remove(self, group: Group) -> None:
+        """Forget `group`: it shows nothing at once, and leaves the file soon."""
+        if group not in self.groups:
+            return
+        del self.groups[group]
+        self.live_bytes -= group.size
+        self.dead_bytes += group.size
+        for i, value in enumerate(group.values):
+            if value:
+                self.set(group, i, 0.0)
+        # Dead entries stay listed (at 0) until the file is rewritten: at once while the
+        # file is small, else once they make up half of it, which keeps a rewrite's cost
+        # at a constant amortized share of each removal.
+        if self.dead_bytes >= self.live_bytes or self.used <= _MIN_CAPACITY:
+            self.rewrite()
+
+    # -- the file -----------------------------------------------------------------------
+
+    def _foreign(self) -> bool:
+        """Whether something else appended to our file (a prometheus_client ``liveall``
+        gauge of this process): then our appends and rewrites would destroy its entries."""
+        mm = self.mm
+        return mm is not None and _INT.unpack_from(mm, 0)[0] != self.used
+
+    def rewrite(self) -> None:
+        """Write every live entry to a fresh file and rename it over the current one."""
+        directory = _directory()
+        pid = os.getpid()
+        path = os.path.join(directory, f"gauge_liveall_{pid}.db")
+        if (self.mm is not None and self._foreign()) or (self.mm is None and _open_here(path)):
+            _shared_file_warning(path)
+        chunks = [b""]
+        position = 8
+        for group in self.groups:
+            positions = group.positions
+            for i, head in enumerate(group.heads):
+                chunks.append(head)
+                position += len(head)
+                positions[i] = position
+                chunks.append(_TWO_DOUBLES.pack(group.values[i], 0.0))
+                position += 16
+        chunks[0] = _INT.pack(position) + b"\0\0\0\0"
+        capacity = _MIN_CAPACITY
+        while capacity < position * 2:
+            capacity *= 2
+        # Not ending in ``.db``: the collector's glob never sees the file half-written.
+        temporary = f"{path}.new"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, capacity)
+            mm = mmap.mmap(fd, capacity)
+            mm[0:position] = b"".join(chunks)
+            os.replace(temporary, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._close()
+        self.mm, self.fd, self.pid = mm, fd, pid
+        self.used, self.capacity, self.dead_bytes = position, capacity, 0
+        self.rewrites += 1
+
+    def _close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            os.close(self.fd)
+            self.mm, self.fd = None, -1
+
+    def after_fork(self) -> None:
+        """In a forked child: the inherited map is the parent's file; write our own."""
+        if self.mm is not None:
+            self._close()
+            self.rewrite()
+
+
+def _directory() -> str:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        raise RuntimeError(
+            "statemachine_metrics: PROMETHEUS_MULTIPROC_DIR was unset after prometheus_client "
+            "chose multiprocess mode; machine states have nowhere to go"
+        )
+    return directory
+
+
+def _open_here(path: str) -> bool:
+    """Whether this process has `path` open already (Linux; elsewhere, we cannot tell)."""
+    if not os.path.exists(path):
+        return False
+    path = os.path.realpath(path)
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in descriptors:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+_warned = False
+
+
+def _shared_file_warning(path: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.error(
+            "%s was also written by a prometheus_client gauge with multiprocess_mode="
+            "'liveall' in this process; that file holds machine states. Its entries are lost "
+            "from the merged output: give that gauge another mode.",
+            path,
+        )
+
+
 # -- the Enum ------------------------------------------------------------------------------
 
 
 class StateFile:
-    """One Enum series in the process's ``liveall`` gauge file: a value per state.
+    """One Enum series in the live file: an entry per state.
 
-    `current` is the state written at 1, or -1 when the series shows none. The owning
-    `EnumFiles` lock is held by callers.
+    `current` is the state written at 1, or -1 when the series shows none.
     """
 
-    __slots__ = ("current", "values")
+    __slots__ = ("current", "group")
 
-    def __init__(self, values: tuple[_Value, ...]) -> None:
-        self.values = values
+    def __init__(self, group: Group) -> None:
+        self.group = group
         self.current = 0
-        self.rewrite()
 
     def show(self, index: int) -> None:
+        """Show state `index` (under `_lock`)."""
         current = self.current
         if current != index:
-            values = self.values
             # The old state goes to 0 first: a concurrent scrape may see no state at 1 for
             # an instant, never two.
             if current >= 0:
-                values[current].set(0.0)
-            values[index].set(1.0)
+                _live.set(self.group, current, 0.0)
+            _live.set(self.group, index, 1.0)
             self.current = index
-
-    def hide(self) -> None:
-        current = self.current
-        if current >= 0:
-            self.values[current].set(0.0)
-            self.current = -1
-
-    def rewrite(self) -> None:
-        """Write every state: a fresh file after a fork, or a reused pid's, may say else."""
-        current = self.current
-        for i, value in enumerate(self.values):
-            value.set(1.0 if i == current else 0.0)
 
 
 class EnumFiles:
-    """The series of one `Enum` in the process's ``liveall`` gauge file.
+    """The series of one `Enum` in the process's live file, one per label set in use."""
 
-    A label set's values are made once and kept for the life of the process, as
-    prometheus_client keeps every value it makes; a label set that comes back reuses them.
-    """
-
-    __slots__ = ("__weakref__", "documentation", "labelnames", "lock", "name", "series", "states")
+    __slots__ = ("__weakref__", "labelnames", "prefix", "series", "states", "suffix")
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], states: Sequence[str]
     ) -> None:
-        self.name = name
-        self.documentation = documentation
+        check_labelnames(f"Enum {name}", labelnames)
         self.labelnames = (*labelnames, name)
         self.states = tuple(states)
-        self.lock = threading.Lock()
+        # A key is prometheus_client's: json.dumps([metric, sample, labels, help],
+        # sort_keys=True); the labels are the only part that varies.
+        self.prefix = json.dumps([name, name])[:-1] + ", "
+        self.suffix = ", " + json.dumps(documentation) + "]"
         self.series: dict[Key, StateFile] = {}
         _enum_files.add(self)
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock every multiprocess write takes."""
+        return _lock
+
+    def _heads(self, key: Key) -> list[bytes]:
+        name = self.labelnames[-1]
+        labels = dict(zip(self.labelnames, key))
+        heads = []
+        for state in self.states:
+            labels[name] = state
+            heads.append(
+                _entry_head(self.prefix + json.dumps(labels, sort_keys=True) + self.suffix)
+            )
+        return heads
+
     def file(self, key: Key) -> StateFile:
         """The series for label values `key`, showing the first state."""
-        with self.lock:
-            file = self.series.get(key)
-            if file is None:
-                name, documentation, labelnames = self.name, self.documentation, self.labelnames
-                file = self.series[key] = StateFile(
-                    tuple(
-                        _value("gauge", name, name, labelnames, (*key, s), documentation, "liveall")
-                        for s in self.states
-                    )
-                )
-            else:
-                file.show(0)
-            return file
+        with _lock:
+            return self._file(key)
+
+    def _file(self, key: Key) -> StateFile:
+        file = self.series.get(key)
+        if file is None:
+            first = [0.0] * len(self.states)
+            first[0] = 1.0
+            file = self.series[key] = StateFile(Group(self._heads(key), first))
+            _live.add(file.group)
+        else:
+            file.show(0)
+        return file
 
     def show(self, file: StateFile, index: int) -> None:
-        with self.lock:
+        with _lock:
             file.show(index)
 
     def hide(self, key: Key) -> None:
-        with self.lock:
-            file = self.series.get(key)
+        """The label set is gone: its series leaves the file."""
+        with _lock:
+            file = self.series.pop(key, None)
             if file is not None:
-                file.hide()
-
-    def after_fork(self) -> None:
-        self.lock = threading.Lock()  # a thread of the parent may have held it
-        for file in self.series.values():
-            file.rewrite()
+                file.current = -1
+                _live.remove(file.group)
 
 
 # -- a machine family ----------------------------------------------------------------------
@@ -215,9 +462,15 @@ class FamilyFiles:
         "errors_name",
         "family",
         "machines",
+        "oldest_values",
+        "since",
+        "since_stale",
         "single",
         "sums",
         "transitions",
+        "trigger_bounds",
+        "trigger_buckets",
+        "trigger_sums",
     )
 
     def __init__(self, family: Family, enum: EnumFiles) -> None:
@@ -225,19 +478,12 @@ class FamilyFiles:
         self.family = family
         self.enum = enum
         self.single = None if family.labelled else enum.file(())
+        state_label = (name,)
         # Help texts are those `Family.collect` gives, so that HELP lines match.
         machines = family.machines_name
         self.machines = tuple(
-            _value(
-                "gauge",
-                machines,
-                machines,
-                (name,),
-                (state,),
-                family.machines_help,
-                "livesum",
-            )
-            for state in family.states
+            _value("gauge", machines, machines, state_label, (s,), family.machines_help, "livesum")
+            for s in family.states
         )
         # A counter is stored as prometheus_client's Counter stores it: the metric without
         # `_total`, the sample with it.
@@ -253,120 +499,191 @@ class FamilyFiles:
             )
             for labels in family.transition_labels
         )
-        # A histogram as prometheus_client's Histogram stores it: one non-cumulative count
-        # per bucket (with `le`) and the sum; the collector adds up `_bucket` and `_count`.
-        duration = family.duration_name
-        help_duration = family.duration_help
         self.bounds = family.bounds
-        self.buckets = tuple(
-            tuple(
-                _value(
-                    "histogram",
-                    duration,
-                    f"{duration}_bucket",
-                    (name, "le"),
-                    (state, le),
-                    help_duration,
-                )
-                for le in family.bucket_names
-            )
-            for state in family.states
+        self.buckets, self.sums = _histogram(
+            family.duration_name,
+            family.duration_help,
+            name,
+            family.states,
+            family.bucket_names,
         )
-        self.sums = tuple(
-            _value("histogram", duration, f"{duration}_sum", (name,), (state,), help_duration)
-            for state in family.states
+        self.trigger_bounds = family.trigger_bounds
+        self.trigger_buckets, self.trigger_sums = _histogram(
+            family.trigger_duration_name,
+            family.trigger_duration_help,
+            "trigger",
+            family.trigger_names,
+            family.trigger_bucket_names,
+        )
+        oldest = f"{name}_oldest_timestamp_seconds"
+        oldest_help = (
+            f"When the longest-staying live {family.owner} machine entered each state "
+            "(Unix time; +Inf for none)"
+        )
+        self.since = [math.inf] * len(family.states)
+        self.since_stale = False
+        self.oldest_values = tuple(
+            _value("gauge", oldest, oldest, state_label, (s,), oldest_help, "livemin")
+            for s in family.states
         )
         self.errors_name = family.errors_name[: -len("_total")]
         self.errors_help = family.errors_help
         self.errors: dict[tuple[str, str], _Value] = {}
-        # Detaches that came while this thread may hold prometheus_client's value lock (a
-        # machine finalized by the garbage collector during a value write): writing then
-        # would deadlock, so the next hook replays them.
-        self.backlog: list[tuple[Key | None, int, bool]] = []
-        self.rewrite()
+        # Detaches that came during a garbage collection: the collection may have started
+        # inside a value write of this thread, holding `_lock` or prometheus_client's own
+        # lock, so writing then could deadlock. The next hook writes them.
+        self.backlog: list[tuple[Key | None, int, bool] | None] = []
+        with _lock:
+            self.rewrite()
         _family_files.add(self)
 
     def rewrite(self) -> None:
+        """Write the live counts and the oldest entry times from memory."""
         for value, count in zip(self.machines, self.family.counts):
             value.set(float(count))
+        for value, since in zip(self.oldest_values, self.since):
+            value.set(since)
 
-    def _file(self, key: Key | None) -> StateFile:
-        return self.single if key is None else self.enum.series[key]  # type: ignore[return-value]
+    def _file(self, key: Key | None) -> StateFile | None:
+        """The series of `key`; None after `Enum.remove()` or `clear()` took it away (the
+        Enum brings it back through `EnumFiles.file`, as it makes a new child)."""
+        return self.single if key is None else self.enum.series.get(key)
 
     def attach(self, key: Key | None, state: int) -> None:
-        if self.backlog:
-            self._replay()
-        self.enum.show(self._file(key), state)
-        self.machines[state].set(float(self.family.counts[state]))
+        with _lock:
+            if self.backlog:
+                self._replay()
+            file = self._file(key)
+            if file is not None:
+                file.show(state)
+            self.machines[state].set(float(self.family.counts[state]))
 
     def detach(self, key: Key | None, state: int, removed: bool) -> None:
-        if _collecting and _values_busy():
+        if _collecting:
             self.backlog.append((key, state, removed))
             return
-        if self.backlog:
-            self._replay()
-        self._detach(key, state, removed)
+        with _lock:
+            if self.backlog:
+                self._replay()
+            self._detach(key, state, removed)
 
     def _detach(self, key: Key | None, state: int, removed: bool) -> None:
         self.machines[state].set(float(self.family.counts[state]))
         # Replayed late, the label set may have come back in the meantime.
         if removed and key is not None and key not in self.family.series:
-            self.enum.hide(key)
+            file = self.enum.series.pop(key, None)
+            if file is not None:
+                file.current = -1
+                _live.remove(file.group)
 
     def _replay(self) -> None:
         backlog = self.backlog
         while backlog:
-            self._detach(*backlog.pop(0))
+            entry = backlog.pop(0)
+            if entry is not None:
+                self._detach(*entry)
+        if self.since_stale:
+            self.since_stale = False
+            for value, since in zip(self.oldest_values, self.since):
+                value.set(since)
 
     def moved(self, key: Key | None, src: int, dst: int, slot: int, elapsed: float) -> None:
-        if self.backlog:
-            self._replay()
-        file = self.single if key is None else self.enum.series[key]
-        assert file is not None
-        if file.current != dst:  # only this family writes its series, under its lock
-            with self.enum.lock:
+        with _lock:
+            if self.backlog:
+                self._replay()
+            file = self._file(key)
+            if file is not None and file.current != dst:
                 file.show(dst)
-        if src != dst:
-            machines = self.machines
-            counts = self.family.counts
-            machines[src].set(float(counts[src]))
-            machines[dst].set(float(counts[dst]))
-        self.transitions[slot].inc(1.0)
-        self.buckets[src][bisect_left(self.bounds, elapsed)].inc(1.0)
-        self.sums[src].inc(elapsed)
+            if src != dst:
+                machines = self.machines
+                counts = self.family.counts
+                machines[src].set(float(counts[src]))
+                machines[dst].set(float(counts[dst]))
+            self.transitions[slot].inc(1.0)
+            self.buckets[src][bisect_left(self.bounds, elapsed)].inc(1.0)
+            self.sums[src].inc(elapsed)
 
     def counted(self, slot: int) -> None:
-        if self.backlog:
-            self._replay()
-        self.transitions[slot].inc(1.0)
+        with _lock:
+            if self.backlog:
+                self._replay()
+            self.transitions[slot].inc(1.0)
 
     def observed(self, state: int, elapsed: float) -> None:
-        if self.backlog:
-            self._replay()
-        self.buckets[state][bisect_left(self.bounds, elapsed)].inc(1.0)
-        self.sums[state].inc(elapsed)
+        with _lock:
+            if self.backlog:
+                self._replay()
+            self.buckets[state][bisect_left(self.bounds, elapsed)].inc(1.0)
+            self.sums[state].inc(elapsed)
+
+    def triggered(self, index: int, elapsed: float) -> None:
+        with _lock:
+            if self.backlog:
+                self._replay()
+            self.trigger_buckets[index][bisect_left(self.trigger_bounds, elapsed)].inc(1.0)
+            self.trigger_sums[index].inc(elapsed)
+
+    def oldest(self, state: int, since: float | None) -> None:
+        value = self.since[state] = math.inf if since is None else since
+        if _collecting:  # as for `detach`
+            self.since_stale = True
+            self.backlog.append(None)
+            return
+        with _lock:
+            if self.backlog:
+                self._replay()
+            self.oldest_values[state].set(value)
 
     def error(self, trigger: str, error: str) -> None:
-        if self.backlog:
-            self._replay()
-        key = (trigger, error)
-        value = self.errors.get(key)
-        if value is None:
-            name = self.errors_name
-            value = self.errors[key] = _value(
-                "counter", name, f"{name}_total", ("trigger", "error"), key, self.errors_help
-            )
-        value.inc(1.0)
+        with _lock:
+            if self.backlog:
+                self._replay()
+            key = (trigger, error)
+            value = self.errors.get(key)
+            if value is None:
+                name = self.errors_name
+                value = self.errors[key] = _value(
+                    "counter", name, f"{name}_total", ("trigger", "error"), key, self.errors_help
+                )
+            value.inc(1.0)
 
     def reset(self) -> None:
         """Zero this process's share of the counters and histograms."""
-        if self.backlog:
-            self._replay()
-        for value in (*self.transitions, *self.sums, *self.errors.values()):
-            value.set(0.0)
-        for row in self.buckets:
-            for value in row:
+        with _lock:
+            if self.backlog:
+                self._replay()
+            for value in (*self.transitions, *self.sums, *self.trigger_sums):
                 value.set(0.0)
+            for value in self.errors.values():
+                value.set(0.0)
+            for rows in (self.buckets, self.trigger_buckets):
+                for row in rows:
+                    for value in row:
+                        value.set(0.0)
+
+
+def _histogram(
+    metric: str,
+    documentation: str,
+    label: str,
+    labelvalues: Sequence[str],
+    bucket_names: Sequence[str],
+) -> tuple[tuple[tuple[_Value, ...], ...], tuple[_Value, ...]]:
+    """A histogram's values as prometheus_client's Histogram stores them: one
+    non-cumulative count per bucket (with `le`), and the sum; the collector adds up
+    ``_bucket`` and ``_count``."""
+    buckets = tuple(
+        tuple(
+            _value("histogram", metric, f"{metric}_bucket", (label, "le"), (v, le), documentation)
+            for le in bucket_names
+        )
+        for v in labelvalues
+    )
+    sums = tuple(
+        _value("histogram", metric, f"{metric}_sum", (label,), (v,), documentation)
+        for v in labelvalues
+    )
+    return buckets, sums
 
 
 def family_mirror(family: Family) -> FamilyMirror | None:
@@ -380,6 +697,8 @@ def family_mirror(family: Family) -> FamilyMirror | None:
 
 # -- process-wide bookkeeping --------------------------------------------------------------
 
+_lock = threading.Lock()
+_live = LiveFile()
 _enum_files: weakref.WeakSet[EnumFiles] = weakref.WeakSet()
 _family_files: weakref.WeakSet[FamilyFiles] = weakref.WeakSet()
 
@@ -400,33 +719,32 @@ def _watch_collections() -> None:
         gc.callbacks.append(_on_collection)
 
 
-def _values_busy() -> bool:
-    """Whether prometheus_client's value lock is held (by any thread), as far as we know.
+def _before_fork() -> None:
+    # Wait for any write in progress: the child must not inherit `_lock` (or
+    # prometheus_client's value lock, taken only under it) held by a thread it lacks.
+    _lock.acquire()
 
-    MultiProcessValue keeps its one lock in a closure; if we cannot find it, say busy.
-    """
-    method = getattr(values.ValueClass, "set", None)
-    code = getattr(method, "__code__", None)
-    cells = getattr(method, "__closure__", None)
-    if code is not None and cells:
-        for name, cell in zip(code.co_freevars, cells):
-            if name == "lock":
-                lock: _Lock = cell.cell_contents
-                return lock.locked()
-    return True
+
+def _after_fork_in_parent() -> None:
+    _lock.release()
 
 
 def _after_fork_in_child() -> None:
     # The child writes to files of its own pid, fresh (or left by a dead process that had
     # the same pid): write what this process's memory says. No family lock is taken: only
     # the forking thread runs here.
-    if not enabled():
-        return
-    for enum in list(_enum_files):
-        enum.after_fork()
-    for family in list(_family_files):
-        family.rewrite()
+    try:
+        if enabled():
+            _live.after_fork()
+            for family in list(_family_files):
+                family.rewrite()
+    finally:
+        _lock.release()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
