@@ -302,6 +302,16 @@ def test_rules_and_dashboard_of_a_module(
     )
     assert out.count("  - name: ") == 1
     assert "      - alert: WorkerErrors\n" in out
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="grafana-foundation-sdk (the grafana extra) needs Python 3.11 or later",
+)
+def test_dashboard_of_a_module(
+    module: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = module(WORKERS)
     status, out, err = run(["dashboard", name], capsys)
     assert (status, err) == (0, "")
     assert out.startswith("{")

@@ -389,6 +389,11 @@ PANELS = [
     "Trigger latency (p50, p95, p99)",
 ]
 
+needs_sdk = pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="grafana-foundation-sdk (the grafana extra) needs Python 3.11 or later",
+)
+
 # What Grafana puts in place of the dashboard's variables before it runs a query.
 VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
 
@@ -420,6 +425,7 @@ def rows(board: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+@needs_sdk
 def test_dashboard_of_a_module(machines_module: Any, capsys: pytest.CaptureFixture[str]) -> None:
     name = machines_module(Uploader, Fetch)
     board = generated_dashboard([name], capsys)
@@ -452,6 +458,7 @@ def test_dashboard_of_a_module(machines_module: Any, capsys: pytest.CaptureFixtu
         assert len(positions) == len(panels)  # no two panels on top of each other
 
 
+@needs_sdk
 def test_dashboard_panels(machines_module: Any, capsys: pytest.CaptureFixture[str]) -> None:
     name = machines_module(Uploader)
     board = generated_dashboard([f"{name}:Uploader", "--title", "Uploads"], capsys)
