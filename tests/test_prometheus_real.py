@@ -7,7 +7,8 @@ installs them: see .ci/run), where a missing binary is a failure.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -281,23 +282,42 @@ def generated_rules(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return out
 
 
-def example_modules() -> list[str]:
-    """The examples' modules that define machine classes with metrics."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    names = []
-    for path in sorted((ROOT / "examples").glob("*.py")):
-        name = f"examples.{path.stem}"
-        module = importlib.import_module(name)
-        if any(
-            isinstance(value, type)
-            and issubclass(value, MeteredMachine)
-            and value.__module__ == name
-            and value.metric_names()
-            for value in vars(module).values()
-        ):
-            names.append(name)
-    return names
+# Imports every example in a fresh interpreter, each in the default registry's state of
+# before (as the docs build does): examples are separate programs, and importing them here
+# would clash with tests that import them under other module names.
+EXAMPLE_RULES = """
+import contextlib, io, json, pathlib, sys
+from prometheus_client import REGISTRY
+from statemachine_metrics import MeteredMachine
+from statemachine_metrics.__main__ import main
+found = {}
+for path in sorted(pathlib.Path("examples").glob("*.py")):
+    name = "examples." + path.stem
+    before = set(REGISTRY._collector_to_names)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        status = main(["rules", name])
+    if status == 0:
+        found[name] = out.getvalue()
+    for collector in set(REGISTRY._collector_to_names) - before:
+        REGISTRY.unregister(collector)
+print(json.dumps(found))
+"""
+
+
+def example_rules() -> dict[str, str]:
+    """The rules of every example module that defines machine classes with metrics."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_RULES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found: dict[str, str] = json.loads(done.stdout)
+    return found
 
 
 @requires_promtool
@@ -311,9 +331,9 @@ def test_promtool_checks_generated_rules(capsys: pytest.CaptureFixture[str]) -> 
             capsys,
         ),
     ]
-    examples = example_modules()
+    examples = example_rules()
     assert {"examples.demo", "examples.stuck_worker"} <= set(examples)
-    outputs.extend(generated_rules([name], capsys) for name in examples)
+    outputs.extend(examples.values())
     for rules in outputs:
         result = check_rules(rules, promtool=promtool)
         assert result.returncode == 0, (result.problems, rules)
