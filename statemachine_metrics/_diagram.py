@@ -9,11 +9,12 @@ enough to write directly from the class's compiled transition table.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._machine import MeteredMachine
+    from ._nesting import Node, Tree
 
 __all__ = ["mermaid", "state_ids"]
 
@@ -120,6 +121,11 @@ def mermaid(cls: type[MeteredMachine], *, counts: bool = False) -> str:
     after the transitions with ``state "<name>" as <id>``. A state that no transition
     reaches or leaves is listed on a line of its own, so that every state is drawn.
 
+    A nested definition draws each compound state as a composite state, ``state running
+    {`` ... ``}``, with ``[*] --> <child>`` for its initial child; a child's id is its full
+    name and its label its own name. Transitions are drawn as declared: one declared on a
+    compound state starts at its box, and a ``"*"`` source starts at every top-level state.
+
     With `counts`, every state is declared with a label that also shows how many live
     machines are in it, ``state "running (3)" as running``: the machines of this process,
     of the class and of the subclasses that share its metrics, counted when this is called.
@@ -127,9 +133,12 @@ def mermaid(cls: type[MeteredMachine], *, counts: bool = False) -> str:
     Raises:
         TypeError: the class declares no states, or `counts` is asked of a template.
     """
+    live = _live_counts(cls) if counts else None
+    definition = cls._require_definition()
+    if definition.tree is not None:
+        return _nested(cls, definition.tree, definition.substates, live)
     states = cls.state_names()
     table = cls.transition_table()
-    live = _live_counts(cls) if counts else None
     ids = state_ids(states, cls.trigger_names())
 
     initial = cls.initial_state()
@@ -147,4 +156,42 @@ def mermaid(cls: type[MeteredMachine], *, counts: bool = False) -> str:
             lines.append(f'state "{_label(label)}" as {ids[name]}')
         elif name not in drawn:
             lines.append(name)  # a state no transition reaches or leaves
+    return "\n".join(lines)
+
+
+def _nested(
+    cls: type[MeteredMachine],
+    tree: Tree,
+    substates: Mapping[str, frozenset[str]],
+    live: list[int] | None,
+) -> str:
+    """`mermaid` for a nested definition: composite states, transitions as declared."""
+    names = list(tree.nodes)
+    ids = state_ids(names, cls.trigger_names())
+    index = {state: i for i, state in enumerate(cls.state_names())}
+    lines = ["stateDiagram-v2", f"[*] --> {ids[tree.initial]}"]
+
+    def declare(node: Node, indent: str) -> None:
+        label = node.local
+        if live is not None:
+            label = f"{label} ({sum(live[index[s]] for s in substates[node.name])})"
+        if live is not None or ids[node.name] != node.local:
+            lines.append(f'{indent}state "{_label(label)}" as {ids[node.name]}')
+        if node.children:
+            lines.append(f"{indent}state {ids[node.name]} {{")
+            if node.initial is not None:
+                lines.append(f"{indent}    [*] --> {ids[node.initial]}")
+            for child in node.children:
+                declare(child, indent + "    ")
+            lines.append(f"{indent}}}")
+        elif live is None and ids[node.name] == node.local:
+            lines.append(f"{indent}{ids[node.name]}")
+
+    for root in tree.roots:
+        declare(root, "")
+    edges = dict.fromkeys(
+        (source, source if dest is None else dest, trigger)
+        for trigger, source, dest in tree.declared
+    )
+    lines.extend(f"{ids[source]} --> {ids[dest]} : {trigger}" for source, dest, trigger in edges)
     return "\n".join(lines)

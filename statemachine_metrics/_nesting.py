@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from transitions import Machine
 
+from . import _trigger
+
 if TYPE_CHECKING:
     from ._definition import Definition
     from ._machine import MeteredMachine
@@ -77,6 +79,7 @@ class Tree:
     """The hierarchy of a nested definition, for diagrams and listings."""
 
     roots: list[Node]
+    initial: str  #: the initial state as declared (a compound state enters its initial child)
     nodes: dict[str, Node]  #: every state by full name, outermost first, in declaration order
     #: The transitions as declared (full names; ``*`` sources stay as given): (trigger,
     #: source, dest), dest None for an internal transition.
@@ -145,7 +148,7 @@ def _parse(owner: str, raw_states: Sequence[Any]) -> Tree:
 
     for i, entry in enumerate(raw_states):
         add(entry, f"{owner}.states[{i}]", None, roots)
-    return Tree(roots, nodes, [])
+    return Tree(roots, roots[0].name, nodes, [])
 
 
 _STATE_CONFIG = frozenset(("on_enter", "on_exit", "ignore_invalid_triggers"))
@@ -201,6 +204,7 @@ def define(
         initial = top[0]
     elif initial not in tree.nodes:
         raise ValueError(f"{owner}.initial: unknown state {initial!r}; states are {listing}")
+    tree.initial = initial
 
     raw_transitions = getattr(cls, "transitions", ())
     if isinstance(raw_transitions, (str, bytes)) or not isinstance(raw_transitions, Sequence):
@@ -209,8 +213,8 @@ def define(
     if getattr(cls, "auto_transitions", False):
         # HierarchicalMachine: to_<state> for every state, from every state.
         specs.extend({"trigger": f"to_{name}", "source": top, "dest": name} for name in everything)
-    for i, entry in enumerate(raw_transitions):
-        where = f"{owner}.transitions[{i}]"
+    table = [(f"{owner}.transitions[{i}]", entry) for i, entry in enumerate(raw_transitions)]
+    for where, entry in table + _trigger.declarations(cls):  # Trigger attributes come last
         spec = parse_transition(where, entry, reserved)
         source, dest = spec["source"], spec["dest"]
         sources = [source] if isinstance(source, str) else list(source or ())
