@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
 from bisect import bisect_left
 from collections import deque
@@ -23,6 +24,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
+from prometheus_client.samples import Exemplar
 from transitions import Machine, MachineError
 
 from ._events import EventData, EventInfo, Listener, StateInfo, TransitionEvent, TransitionInfo
@@ -328,6 +330,7 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
     now = _perf_counter()
     token = machine._token
     dest = step.dest
+    elapsed: float | None = None
     with family.lock:
         if family.pending:
             family._drain()
@@ -350,9 +353,10 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
             leaving = stays[src]
             first = mirror is not None and leaving and next(iter(leaving)) == token
             entered = leaving.pop(token, None)  # None: closed by one of its own callbacks
-            elapsed = 0.0 if entered is None else now - entered
             if entered is not None:
-                family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+                elapsed = now - entered
+                bucket = bisect_left(family.bounds, elapsed)
+                family.hist[src][bucket] += 1
                 family.hist_sum[src] += elapsed
             if series is not None:
                 counts = family.counts
@@ -363,16 +367,18 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
                 entering[token] = now
                 series.child._value = dst
                 if mirror is not None:
-                    mirror.moved(series.key, src, dst, slot, elapsed)
+                    mirror.moved(series.key, src, dst, slot, elapsed or 0.0)
                     if first:
                         mirror.oldest(src, family._since(leaving))
                     if new_oldest:
                         mirror.oldest(dst, time.time())
             elif mirror is not None:
                 mirror.counted(slot)
-                if entered is not None:
+                if elapsed is not None:
                     mirror.observed(src, elapsed)
             machine._state = dest
+        if exemplar_source is not None:
+            _exemplify(family, slot, src, elapsed)
         if started is not None:
             latency = now - started
             tindex = step.tindex
@@ -385,13 +391,49 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
         if timers is not None:
             timers.moved(dest)
     if step.listening or machine._listeners is not None:
-        _notify(machine, step, state)
+        _notify(machine, step, state, elapsed)
     if watchers:
         for watcher in tuple(watchers):
             watcher(machine, step.trigger, state, dest)
 
 
-def _notify(machine: MeteredMachine, step: Step, source: str) -> None:
+#: Returns the exemplar labels for the current transition (the current OpenTelemetry
+#: span's trace id), or None; None itself when OpenTelemetry is not in use.
+exemplar_source: Callable[[], dict[str, str] | None] | None = None
+
+
+def use_opentelemetry_exemplars() -> None:
+    """Tag transition samples with the current span's trace id, once OpenTelemetry's API
+    is imported (by the application, before its machine classes are created, or by
+    `statemachine_metrics.otel`). Costs nothing until then."""
+    global exemplar_source
+    if exemplar_source is not None or "opentelemetry.trace" not in sys.modules:
+        return
+    from opentelemetry.trace import get_current_span
+
+    def current_trace() -> dict[str, str] | None:
+        context = get_current_span().get_span_context()
+        if not context.is_valid:
+            return None
+        return {"trace_id": format(context.trace_id, "032x")}
+
+    exemplar_source = current_trace
+
+
+def _exemplify(family: Family, slot: int, state: int, elapsed: float | None) -> None:
+    """Store the current trace as the exemplar of the samples a transition updated."""
+    assert exemplar_source is not None
+    labels = exemplar_source()
+    if labels is None:
+        return
+    now = time.time()
+    family.transition_exemplars[slot] = Exemplar(labels, 1.0, now)
+    if elapsed is not None:
+        bucket = bisect_left(family.bounds, elapsed)
+        family.hist_exemplars[state][bucket] = Exemplar(labels, elapsed, now)
+
+
+def _notify(machine: MeteredMachine, step: Step, source: str, elapsed: float | None) -> None:
     dest = step.dest
     event = TransitionEvent(
         machine,
@@ -400,6 +442,7 @@ def _notify(machine: MeteredMachine, step: Step, source: str) -> None:
         source if dest is None else dest,
         dest is None,
         time.time(),
+        elapsed,
     )
     listeners = step.listening
     own = machine._listeners

@@ -30,6 +30,9 @@ class TransitionEvent:
     internal: bool
     #: `time.time()` when the state changed.
     time: float
+    #: Seconds the machine spent in `source`; None for an internal transition, which does
+    #: not leave it (or for a machine closed by its own callback).
+    elapsed: float | None = None
 
     def __str__(self) -> str:
         internal = " (internal)" if self.internal else ""

@@ -17,7 +17,7 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import metrics
 from prometheus_client.metrics_core import (
@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.samples import Sample
+from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
 from ._enum import Enum
@@ -104,6 +104,10 @@ class Snapshot(NamedTuple):
     trigger_sum: list[float]
     #: When the counters started (None: created samples are switched off).
     created: float | None
+    #: The last exemplar of each transition counter, and of each duration bucket (per
+    #: state, non-cumulative bucket index); None where there is none.
+    transition_exemplars: list[Exemplar | None]
+    hist_exemplars: list[list[Exemplar | None]]
 
 
 class Series:
@@ -179,6 +183,9 @@ class Family:
         self.bucket_names = tuple(str(floatToGoString(b)) for b in buckets)
         self.hist = [[0] * len(buckets) for _ in states]
         self.hist_sum = [0.0] * len(states)
+        # The last exemplar (trace id) of each transition counter and histogram bucket.
+        self.transition_exemplars: list[Exemplar | None] = [None] * len(self.transition_labels)
+        self.hist_exemplars: list[list[Exemplar | None]] = [[None] * len(buckets) for _ in states]
         self.trigger_names = tuple(triggers)
         self.trigger_bounds = trigger_buckets
         self.trigger_bucket_names = tuple(str(floatToGoString(b)) for b in trigger_buckets)
@@ -236,6 +243,7 @@ class Family:
             slot = self.slots[labels] = len(self.transition_labels)
             self.transition_labels = (*self.transition_labels, labels)
             self.transitions.append(0)
+            self.transition_exemplars.append(None)
         return slot
 
     # -- machine lifecycle ---------------------------------------------------------------
@@ -360,6 +368,8 @@ class Family:
             self.transitions = [0] * len(self.transition_labels)
             self.hist = [[0] * len(self.bounds) for _ in self.states]
             self.hist_sum = [0.0] * len(self.states)
+            self.transition_exemplars = [None] * len(self.transition_labels)
+            self.hist_exemplars = [[None] * len(self.bounds) for _ in self.states]
             self.trigger_hist = [[0] * len(self.trigger_bounds) for _ in self.trigger_names]
             self.trigger_sum = [0.0] * len(self.trigger_names)
             self.errors = {}
@@ -419,6 +429,8 @@ class Family:
                 trigger_hist=[list(row) for row in self.trigger_hist],
                 trigger_sum=list(self.trigger_sum),
                 created=self.created if metrics._use_created else None,
+                transition_exemplars=list(self.transition_exemplars),
+                hist_exemplars=[list(row) for row in self.hist_exemplars],
             )
 
     def collect(self) -> list[Metric]:
@@ -436,8 +448,10 @@ class Family:
             self.transitions_help,
             labels=("from", "to", "trigger"),
         )
-        for labels, value in zip(self.transition_labels, snap.transitions):
-            ran.add_metric(labels, value, created=created)
+        for labels, value, exemplar in zip(
+            self.transition_labels, snap.transitions, snap.transition_exemplars
+        ):
+            ran.add_metric(labels, value, created=created, exemplar=exemplar)
 
         duration = self._histogram(
             self.duration_name,
@@ -448,6 +462,7 @@ class Family:
             snap.hist,
             snap.hist_sum,
             created,
+            snap.hist_exemplars,
         )
 
         failed = CounterMetricFamily(
@@ -492,14 +507,17 @@ class Family:
         rows: list[list[int]],
         sums: list[float],
         created: float | None,
+        exemplars: list[list[Exemplar | None]] | None = None,
     ) -> HistogramMetricFamily:
         family = HistogramMetricFamily(name, documentation, labels=(label,))
-        for value, row, total in zip(values, rows, sums):
+        for i, (value, row, total) in enumerate(zip(values, rows, sums)):
             cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for bucket, count in zip(bucket_names, row):
+            buckets: list[Any] = []
+            marks = exemplars[i] if exemplars is not None else None
+            for j, (bucket, count) in enumerate(zip(bucket_names, row)):
                 cumulative += count
-                buckets.append((bucket, cumulative))
+                mark = marks[j] if marks is not None else None
+                buckets.append((bucket, cumulative) if mark is None else (bucket, cumulative, mark))
             family.add_metric((value,), buckets, total)
             if created is not None:
                 family.samples.append(

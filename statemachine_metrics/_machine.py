@@ -131,19 +131,21 @@ class MeteredMachine:
     Declare states and transitions in `transitions`' own vocabulary; the class is compiled
     and checked when it is created, and gets a trigger method per trigger:
 
-        class Worker(MeteredMachine, namespace="myapp", labelnames=("worker",)):
-            \"\"\"Current state of the background worker\"\"\"
+    ```python
+    class Worker(MeteredMachine, namespace="myapp", labelnames=("worker",)):
+        \"\"\"Current state of the background worker\"\"\"
 
-            states = ["idle", "running", "error"]          # the first is the initial state
-            transitions = [
-                ["start", "idle", "running"],
-                ["finish", "running", "idle"],
-                ["fail", ["idle", "running"], "error"],
-                {"trigger": "reset", "source": "error", "dest": "idle"},
-            ]
+        states = ["idle", "running", "error"]          # the first is the initial state
+        transitions = [
+            ["start", "idle", "running"],
+            ["finish", "running", "idle"],
+            ["fail", ["idle", "running"], "error"],
+            {"trigger": "reset", "source": "error", "dest": "idle"},
+        ]
 
-        w = Worker(labels={"worker": "w1"})
-        await w.start()            # True; w.state == "running"
+    w = Worker(labels={"worker": "w1"})
+    await w.start()            # True; w.state == "running"
+    ```
 
     Class keywords: ``name`` (default: the class name in snake_case + ``_state``),
     ``documentation`` (default: the docstring's first line), ``labelnames``, ``namespace``,
@@ -154,7 +156,11 @@ class MeteredMachine:
     Class attributes: ``states`` (names or state dicts with ``on_enter``/``on_exit``),
     ``transitions`` (``[trigger, source, dest]`` lists or dicts with ``conditions``,
     ``unless``, ``before``, ``after``, ``prepare``), ``initial``, ``auto_transitions``
-    (default False), ``ignore_invalid_triggers``, ``duration_buckets``.
+    (default False), ``ignore_invalid_triggers``, ``duration_buckets``,
+    ``trigger_buckets``, ``timeouts`` (``{"running": (30.0, "fail")}`` fires ``fail`` when a
+    machine stays 30 s in ``running``; timers run while the machine is entered, ``async
+    with``) and ``stuck_after`` (``{"error": 600.0}``: seconds after which a machine in
+    that state counts as stuck, for the generated alerts).
 
     Transitions of one machine run one at a time, in arrival order; a trigger awaited from
     the machine's own callback runs at once, nested in the running transition.
@@ -269,6 +275,7 @@ class MeteredMachine:
                 except ValueError:
                     raise ValueError(_name_clash(cls, registry)) from None
             remember(cls)
+        _engine.use_opentelemetry_exemplars()
         for hook in class_hooks:
             hook(cls)
 
