@@ -17,19 +17,24 @@ plugin, loaded automatically, wraps these in the ``machine_recorder`` and
 from __future__ import annotations
 
 import threading
-import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from prometheus_client.utils import floatToGoString
 
-from . import _engine
 from ._collector import MachineCollector, all_families
+from ._events import TransitionEvent
 from ._family import Family
 from ._machine import MeteredMachine, TransitionSpec
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
+
+    from ._rule_based import MachineRules
+
+M = TypeVar("M", bound=MeteredMachine)
 
 __all__ = [
     "MachineMetrics",
@@ -37,74 +42,45 @@ __all__ = [
     "Recorder",
     "record",
     "reset_metrics",
+    "rule_based",
 ]
 
 #: Recorded transitions listed in a failure message, at most.
 _SHOWN = 30
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedTransition:
-    """One transition that ran, as a recorder saw it.
+#: One transition that ran, as a recorder saw it: the `TransitionEvent` listeners get.
+RecordedTransition = TransitionEvent
 
-    An internal transition (declared with dest ``None``) runs its callbacks but leaves the
-    state as it is: it is recorded with ``dest == source`` and ``internal=True``, as the
-    ``_transitions_total`` counter labels it. A reflexive transition (dest equal to its
-    source, or ``"="``) leaves and re-enters the state: ``internal`` is False.
-    """
-
-    #: The machine itself (the recorder keeps it alive).
-    machine: MeteredMachine
-    trigger: str
-    source: str
-    dest: str
-    internal: bool
-    #: `time.monotonic()` when the state changed.
-    time: float
-
-    def __str__(self) -> str:
-        internal = " (internal)" if self.internal else ""
-        return f"{self.trigger}: {self.source} -> {self.dest}{internal}"
-
-
-# -- the watcher ---------------------------------------------------------------------------
+# -- the listener --------------------------------------------------------------------------
 
 _lock = threading.Lock()
-# The active recorders; replaced whole (under _lock), so the watcher reads it without a lock.
+# The active recorders; replaced whole (under _lock), so the listener reads it without a lock.
 _active: tuple[Recorder, ...] = ()
 
 
-def _watch(machine: MeteredMachine, trigger: str, source: str, dest: str | None) -> None:
-    """The one watcher in `_engine.watchers`, registered while a recorder is active."""
-    entry: RecordedTransition | None = None
+def _listen(event: TransitionEvent) -> None:
+    """The one listener of every machine, added while a recorder is active."""
     for recorder in _active:
-        if recorder._watches(machine):
-            if entry is None:
-                entry = RecordedTransition(
-                    machine,
-                    trigger,
-                    source,
-                    source if dest is None else dest,
-                    dest is None,
-                    time.monotonic(),
-                )
-            recorder.transitions.append(entry)
+        if recorder._watches(event.machine):
+            recorder.transitions.append(event)
 
 
 def _activate(recorder: Recorder) -> None:
     global _active
     with _lock:
         if not _active:
-            _engine.watchers.append(_watch)
+            MeteredMachine.add_listener(_listen)
         _active = (*_active, recorder)
 
 
 def _deactivate(recorder: Recorder) -> None:
     global _active
     with _lock:
+        was_active = bool(_active)
         _active = tuple(r for r in _active if r is not recorder)
-        if not _active and _watch in _engine.watchers:
-            _engine.watchers.remove(_watch)
+        if was_active and not _active:
+            MeteredMachine.remove_listener(_listen)
 
 
 # -- recording -----------------------------------------------------------------------------
@@ -401,10 +377,65 @@ def _mismatch(
     return "\n".join(lines)
 
 
+# -- model-based tests ---------------------------------------------------------------------
+
+
+def rule_based(
+    cls: type[M],
+    *,
+    factory: Callable[[], M | Awaitable[M]] | None = None,
+    invariants: Iterable[Callable[[M], object]] = (),
+    arguments: Mapping[str, SearchStrategy[Any]] | None = None,
+    backend: str = "asyncio",
+    backend_options: Mapping[str, Any] | None = None,
+) -> type[MachineRules]:
+    """A Hypothesis `RuleBasedStateMachine` that fires random triggers at `cls` machines.
+
+    Each example makes a machine with `factory` (default: ``cls()``; it may be async) and
+    runs it on an event loop of `backend` (``"asyncio"`` or ``"trio"``, with
+    `backend_options`) behind an anyio blocking portal. Each step fires a trigger that the
+    transition table allows from the machine's state, or now and then one it does not
+    allow, which must raise `MachineError` and change nothing. After the machine is made
+    and after every step, it checks that the machine's ``.state`` is what the class's Enum
+    series shows for its labels, that ``_machines`` moved by exactly the machine's move,
+    and that every ``invariant(machine)`` holds (it may be async; it fails by raising
+    `AssertionError` or returning False). At the end of an example, the machine is closed.
+
+    `arguments` maps a trigger to a strategy of its arguments: a tuple of positional ones
+    (``st.tuples(st.integers())``) or a dict of keyword ones
+    (``st.fixed_dictionaries({"job": st.text()})``).
+
+    A failure lists the example's steps (Hypothesis shrinks it first: the shortest trigger
+    sequence that fails), each with the transitions it ran. Run the result with its
+    ``TestCase`` under pytest or unittest:
+
+        TestWorker = rule_based(Worker, invariants=[no_job_when_idle]).TestCase
+        TestWorker.settings = settings(max_examples=200)
+
+    Needs Hypothesis (the ``testing`` extra).
+
+    Raises:
+        TypeError: `cls` is not a machine class with metrics; an argument has the wrong
+            type.
+        ValueError: `cls` declares no transitions; `arguments` names an unknown trigger.
+    """
+    from ._rule_based import rule_based as build
+
+    return build(
+        cls,
+        factory=factory,
+        invariants=invariants,
+        arguments=arguments,
+        backend=backend,
+        backend_options=backend_options,
+    )
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 
 def _family(cls: type[MeteredMachine], function: str) -> Family:
+    __tracebackhide__ = True
     if not (isinstance(cls, type) and issubclass(cls, MeteredMachine)):
         raise TypeError(f"{function}() takes a MeteredMachine class, not {cls!r}")
     family = cls._family
@@ -423,6 +454,7 @@ def reset_metrics(*classes: type[MeteredMachine]) -> None:
     Raises:
         TypeError: an argument is not a machine class with metrics.
     """
+    __tracebackhide__ = True
     families = [_family(cls, "reset_metrics") for cls in classes] if classes else all_families()
     for family in families:
         family.reset()
@@ -457,6 +489,7 @@ class MachineMetrics:
             ValueError: unknown metric, label name, state or trigger; the message lists
                 what is valid.
         """
+        __tracebackhide__ = True
         family = _family(cls, "value")
         sample_name, names = _sample(cls, family, metric)
         wanted = _labels(cls, family, metric, names, labels)
@@ -480,6 +513,7 @@ class MachineMetrics:
         """How many transitions of `cls` machines ran, optionally only those of one
         trigger, from one state or to one state (an internal transition counts as going
         to its source, as the counter labels it)."""
+        __tracebackhide__ = True
         labels = {"trigger": trigger, "from": source, "to": dest}
         given = {name: value for name, value in labels.items() if value is not None}
         return int(self.value(cls, "transitions_total", **given))
@@ -493,6 +527,7 @@ class MachineMetrics:
     ) -> int:
         """How many triggers of `cls` machines raised, optionally only one trigger or one
         exception class (matched by name, as the ``error`` label has it)."""
+        __tracebackhide__ = True
         labels: dict[str, object] = {"trigger": trigger, "error": error}
         given = {name: value for name, value in labels.items() if value is not None}
         return int(self.value(cls, "errors_total", **given))
@@ -500,6 +535,7 @@ class MachineMetrics:
     def count(self, cls: type[MeteredMachine], state: str | None = None) -> int:
         """How many live `cls` machines are in `state` (all states when None), from the
         ``_machines`` gauge."""
+        __tracebackhide__ = True
         if state is None:
             return int(self.value(cls, "machines"))
         return int(self.value(cls, "machines", state=state))
@@ -512,6 +548,7 @@ class MachineMetrics:
         Raises:
             ValueError: `labels` are not exactly the class's label names.
         """
+        __tracebackhide__ = True
         family = _family(cls, "state")
         labelnames: tuple[str, ...] = tuple(family.metric._labelnames)
         if set(labels) != set(labelnames):
@@ -532,6 +569,7 @@ class MachineMetrics:
 
     def reset(self, *classes: type[MeteredMachine]) -> None:
         """`reset_metrics`: zero counters and histograms of `classes`, or of all."""
+        __tracebackhide__ = True
         reset_metrics(*classes)
 
 
@@ -548,6 +586,7 @@ _SUFFIXES = (
 
 def _sample(cls: type[MeteredMachine], family: Family, metric: str) -> tuple[str, tuple[str, ...]]:
     """The full sample name for `metric`, and its label names."""
+    __tracebackhide__ = True
     base = family.name
     suffix = metric
     if metric == base:
@@ -586,6 +625,7 @@ def _labels(
     given: Mapping[str, object],
 ) -> dict[str, str]:
     """Label selectors with aliases resolved and values checked where they are known."""
+    __tracebackhide__ = True
     aliases = {"source": "from", "dest": "to", "state": family.name}
     owner = cls.__qualname__
     wanted: dict[str, str] = {}
@@ -599,7 +639,7 @@ def _labels(
                 f"their labels are {', '.join(shown)}"
             )
         if label == "le" and isinstance(value, (int, float)):
-            text = str(floatToGoString(value))  # type: ignore[no-untyped-call]
+            text = str(floatToGoString(value))
         elif label == "error" and isinstance(value, type):
             text = value.__name__
         else:

@@ -20,7 +20,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "test_worker_exa
 # The top of every inner test file: its own backends, and a machine class.
 HEADER = """
 import pytest
-from statemachine_metrics import MeteredMachine, _engine
+from statemachine_metrics import MeteredMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +43,9 @@ alive = []  # machines kept alive across tests
 
 
 def recording():
-    return any(w.__module__ == "statemachine_metrics.testing" for w in _engine.watchers)
+    return any(
+        fn.__module__ == "statemachine_metrics.testing" for fn in MeteredMachine._own_listeners
+    )
 """
 
 # Each test of the first group starts one more machine and keeps it alive; the second
@@ -221,3 +223,23 @@ def test_the_example_suite_passes(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--strict-markers", "-W", "error")
     result.assert_outcomes(passed=8)
     assert statemachine_metrics.testing._active == ()
+
+
+def test_a_metrics_error_shows_the_tests_line_not_the_library(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        HEADER
+        + """
+def test_typo(machine_metrics):
+    machine_metrics.count(Worker, "runing")
+"""
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            '>*machine_metrics.count(Worker, "runing")',
+            "E*ValueError: value(): 'runing' is not a state of Worker; its states are idle, "
+            "running, error",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*statemachine_metrics?testing.py*")
