@@ -14,7 +14,7 @@ import enum
 import importlib
 import inspect
 import re
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from transitions import Machine
@@ -191,7 +191,13 @@ def _importable(path: str) -> bool:
 
 
 class TransitionSpec(NamedTuple):
-    """One allowed transition of a machine class."""
+    """One allowed transition of a machine class.
+
+    Attributes:
+        trigger: The trigger that runs it.
+        source: The state it leaves (one state: wildcards and source lists are expanded).
+        dest: The state it enters; None for an internal transition, which changes no state.
+    """
 
     trigger: str
     source: str
@@ -530,31 +536,58 @@ class Definition:
                         yield f"{where}, {kind}", condition.func
 
 
+# Labels of the derived metrics: the metric's full name is their state label, so it may not
+# be one of these (a histogram's `le` would replace it, and so on).
+_DERIVED_LABELS = frozenset(("le", "from", "to", "trigger", "error", "quantile"))
+
+
+def _keyword(owner: str, options: Mapping[str, Any], keyword: str, default: str) -> str:
+    value = options.get(keyword, default)
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: {keyword}= must be a string, got {value!r}")
+    return value
+
+
 def metric_for(cls: type[MeteredMachine], options: Mapping[str, Any], labelnames: Any) -> Enum:
     owner = cls.__qualname__
-    unit = options.get("unit", "")
+    unit = _keyword(owner, options, "unit", "")
     if unit:
         raise ValueError(f"{owner}: unit={unit!r} is not allowed; a state metric has no unit")
     name = options.get("name")
     if name is None:
         name = f"{_snake_case(cls.__name__)}_state"
     elif not isinstance(name, str) or not name:
-        raise ValueError(f"{owner}: name must be a non-empty string, got {name!r}")
+        raise ValueError(f"{owner}: name= must be a non-empty string, got {name!r}")
     documentation = options.get("documentation")
     if documentation is None:
         doc = cls.__dict__.get("__doc__")
+        if doc is not None and not isinstance(doc, str):
+            raise TypeError(
+                f"{owner}: its docstring must be a string (it is the metric's help text), "
+                f"got {doc!r}; or pass documentation="
+            )
         lines = inspect.cleandoc(doc).splitlines() if doc else []
         documentation = lines[0] if lines and lines[0] else f"State of {cls.__name__}"
-    namespace = options.get("namespace", "")
-    subsystem = options.get("subsystem", "")
+    elif not isinstance(documentation, str):
+        raise TypeError(f"{owner}: documentation= must be a string, got {documentation!r}")
+    namespace = _keyword(owner, options, "namespace", "")
+    subsystem = _keyword(owner, options, "subsystem", "")
     full = "_".join(part for part in (namespace, subsystem, name) if part)
     if not _LABEL_NAME.match(full):
         raise ValueError(
             f"{owner}: invalid metric name {full!r}; use letters, digits and underscores, "
             "not starting with a digit"
         )
-    if isinstance(labelnames, str):
-        raise TypeError(f"{owner}: labelnames must be a sequence of names, not a string")
+    if full in _DERIVED_LABELS:
+        raise ValueError(
+            f"{owner}: metric name {full!r} clashes with a label of its derived metrics "
+            f"({', '.join(sorted(_DERIVED_LABELS))}), where the metric's name labels the "
+            "state; choose another name="
+        )
+    if isinstance(labelnames, (str, bytes)) or not isinstance(labelnames, Iterable):
+        raise TypeError(
+            f"{owner}: labelnames= must be a sequence of label names, got {labelnames!r}"
+        )
     labelnames = tuple(labelnames)
     for label in labelnames:
         if not isinstance(label, str) or not _LABEL_NAME.match(label) or label.startswith("__"):

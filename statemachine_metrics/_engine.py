@@ -518,6 +518,8 @@ async def fire(
     owner = machine._owner
     if owner is None:
         if machine._series is None:
+            if still is not None and not still():
+                return False  # a timer of a closed machine: no longer due
             raise _closed(machine)
         if still is None and dispatch.hooks is None:
             steps = dispatch.steps.get(machine._state)
@@ -533,6 +535,8 @@ async def fire(
         turn = await _wait_turn(machine)
         if machine._series is None:  # closed while this trigger waited
             _release(machine)
+            if still is not None and not still():
+                return False
             raise _closed(machine)
     started = _perf_counter()
     try:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
@@ -16,12 +17,40 @@ from prometheus_client.samples import Sample
 from . import _multiprocess
 from ._multiprocess import EnumFiles, StateFile
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["Enum"]
 
 _E = TypeVar("_E", bound="Enum")
 
 # Attributes a labelled child must not share with its parent through the class.
 _PER_INSTANCE = frozenset({"_lock", "_metrics", "_value", "_labelvalues", "_child_type", "_file"})
+
+
+_M = TypeVar("_M", bound=Callable[..., None])
+
+
+def _notifying(method: _M) -> _M:
+    """Tell the metric's `_removed_hook` (a machine family) which series `method` removed."""
+
+    @functools.wraps(method)
+    def wrapper(self: Enum, *args: Any, **kwargs: Any) -> None:
+        hook = self._removed_hook
+        if hook is None:
+            method(self, *args, **kwargs)
+            return
+        with self._lock:
+            before = set(self._metrics)
+        try:
+            method(self, *args, **kwargs)
+        finally:
+            with self._lock:
+                gone = before.difference(self._metrics)
+            if gone:
+                hook(gone)
+
+    return cast(_M, wrapper)
 
 
 class Enum(MetricWrapperBase):
@@ -60,6 +89,9 @@ class Enum(MetricWrapperBase):
     # Multiprocess mode only: the metric's series in this process's value files, and the
     # series of this (unlabelled or child) metric. None otherwise.
     _files: EnumFiles | None = None
+    # Told which label sets remove(), remove_by_labels() or clear() took away (set by the
+    # machine family that owns the metric, whose live machines bring them back).
+    _removed_hook: Callable[[set[tuple[str, ...]]], None] | None = None
     _file: StateFile | None = None
 
     def __init__(
@@ -141,7 +173,7 @@ class Enum(MetricWrapperBase):
             # Read under the lock, so that the file ends with the last state set.
             file.show(self._value)
 
-    def labels(self: _E, *labelvalues: Any, **labelkwargs: Any) -> _E:
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
         """Return the child for the given label values, creating it on first use.
 
         Errors are those of `prometheus_client`: no label names, chained calls, mixed
@@ -196,6 +228,7 @@ class Enum(MetricWrapperBase):
             child._file = files.file(key)
         return child
 
+    @_notifying
     def remove(self, *labelvalues: Any) -> None:
         """Remove the series of the given label values (errors as in prometheus_client).
 
@@ -213,6 +246,7 @@ class Enum(MetricWrapperBase):
         key = tuple(str(v) for v in labelvalues)
         self._forget(lambda k: k == key)
 
+    @_notifying
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         """Remove every series whose label values include `labels`.
 
@@ -233,6 +267,7 @@ class Enum(MetricWrapperBase):
         wanted = [(self._labelnames.index(k), str(v)) for k, v in labels.items()]
         self._forget(lambda k: all(k[i] == v for i, v in wanted))
 
+    @_notifying
     def clear(self) -> None:
         """Remove every series.
 

@@ -110,6 +110,29 @@ class Snapshot(NamedTuple):
     hist_exemplars: list[list[Exemplar | None]]
 
 
+class _Removed:
+    """Stands in for a series that was removed from the Enum while machines were bound to
+    it: the next state written brings the series back (with the family's lock held)."""
+
+    __slots__ = ("family", "series")
+
+    def __init__(self, family: Family, series: Series) -> None:
+        self.family = family
+        self.series = series
+
+    @property
+    def _value(self) -> int:
+        return -1
+
+    @_value.setter
+    def _value(self, state: int) -> None:
+        series = self.series
+        key = series.key
+        assert key is not None
+        child = series.child = self.family.metric._child(key)
+        child._value = state
+
+
 class Series:
     """One label set of the `Enum`, shared by the live machines bound to it."""
 
@@ -204,6 +227,7 @@ class Family:
         # In multiprocess mode, every update is also written to the shared value files.
         self.mirror = family_mirror(self)
         _families.add(self)
+        metric._removed_hook = self._removed
 
     # -- names ---------------------------------------------------------------------------
 
@@ -325,6 +349,15 @@ class Family:
         for token in stays:
             return time.time() - (time.perf_counter() - stays[token])
         return None
+
+    def _removed(self, keys: set[tuple[str, ...]]) -> None:
+        """The Enum's remove() or clear() took these label sets away: the next transition
+        of a live machine bound to one brings it back."""
+        with self.lock:
+            for key in keys:
+                series = self.series.get(key)
+                if series is not None:
+                    series.child = _Removed(self, series)  # type: ignore[assignment]
 
     def _drain(self) -> None:
         pending = self.pending

@@ -117,6 +117,21 @@ def _name_clash(cls: type[MeteredMachine], registry: CollectorRegistry) -> str:
     )
 
 
+def _register(cls: type[MeteredMachine], family: Family, registry: CollectorRegistry) -> None:
+    """Export the class in `registry`, unless a `MachineCollector()` there (every class,
+    including those created later) exports it already: never twice."""
+    collectors = list(registry._collector_to_names)
+    if any(isinstance(c, MachineCollector) and c._families is None for c in collectors):
+        # Still refuse names that another collector there has taken.
+        if any(name in registry._names_to_collectors for name in family.exposed_names):
+            raise ValueError(_name_clash(cls, registry))
+        return
+    try:
+        registry.register(MachineCollector(cls))
+    except ValueError:
+        raise ValueError(_name_clash(cls, registry)) from None
+
+
 def _inherited_family(cls: type[MeteredMachine]) -> Family | None:
     for base in cls.__mro__[1:]:
         if "_family" in vars(base):
@@ -226,6 +241,11 @@ class MeteredMachine:
         cls._keywords = {k: v for k, v in merged.items() if k not in ("name", "documentation")}
         labelnames = merged.get("labelnames", ())
         registry: CollectorRegistry | None = merged.get("registry", REGISTRY)
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise TypeError(
+                f"{owner}: registry= must be a prometheus_client CollectorRegistry or None, "
+                f"got {registry!r}"
+            )
         declares = "states" in cls.__dict__
         if not declares:
             redefined = [a for a in _DEFINITION_ATTRIBUTES if a in cls.__dict__]
@@ -270,10 +290,7 @@ class MeteredMachine:
         _ops.check_stuck_after(cls)
         if family is not None and family is not _inherited_family(cls):
             if registry is not None:
-                try:
-                    registry.register(MachineCollector(cls))
-                except ValueError:
-                    raise ValueError(_name_clash(cls, registry)) from None
+                _register(cls, family, registry)
             remember(cls)
         _engine.use_opentelemetry_exemplars()
         for hook in class_hooks:

@@ -13,8 +13,9 @@ import functools
 import inspect
 import logging
 import math
+import sys
 import weakref
-from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import (
     TYPE_CHECKING,
@@ -26,6 +27,9 @@ from typing import (
 )
 
 import anyio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from . import _engine
 from ._engine import Dispatch
@@ -102,6 +106,8 @@ async def _settle(
     fires when the machine is already in one of the `final` states.
     """
     cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(failure, BaseExceptionGroup):
+        failure = _cause(failure, cancelled)
     if failure is None:
         outcome = success
     elif isinstance(failure, cancelled):
@@ -128,6 +134,28 @@ async def _settle(
         if failure is None:
             raise
         raise trouble from failure
+
+
+def _cause(group: BaseExceptionGroup[Any], cancelled: type[BaseException]) -> BaseException:
+    """What a body that ended in an exception group ended in: a process-ending exception
+    if it holds one, else an error if it holds one (a child task failed, even as an outer
+    scope cancelled), else a cancellation."""
+    leaves = list(_leaves(group))
+    for leaf in leaves:
+        if not isinstance(leaf, (Exception, cancelled)):
+            return leaf  # KeyboardInterrupt, SystemExit
+    for leaf in leaves:
+        if isinstance(leaf, Exception):
+            return group if isinstance(group, Exception) else leaf
+    return leaves[0] if leaves else group
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 async def _cancelled(
@@ -194,7 +222,16 @@ class Track:
         self._cancel = None if cancel is None else _resolve(cls, cancel, where, "cancel")
 
     async def __aenter__(self) -> None:
-        await _fire(self._machine, self._enter)
+        machine = self._machine
+        state = machine._state
+        try:
+            await _fire(machine, self._enter)
+        except BaseException as failure:
+            if machine._state != state:
+                # `enter` moved the machine, then raised or was cancelled in a callback:
+                # the body will not run, so record how it ended now.
+                await _settle(machine, failure, None, self._error, self._cancel, _NONE)
+            raise
 
     async def __aexit__(
         self,
