@@ -232,12 +232,6 @@ def format_report(coverage: TransitionCoverage, *, details: bool = True) -> list
     if not classes:
         return ["no machine class with metrics was seen"]
     lines: list[str] = []
-    rows = [_describe(spec) for entry in classes for spec in entry.counts]
-    trigger_width = max((len(trigger) for trigger, _ in rows), default=0)
-    move_width = max((len(move) for _, move in rows), default=0)
-    count_width = max(
-        (len(str(count)) for entry in classes for count in entry.counts.values()), default=1
-    )
     for entry in classes:
         if not entry.counts:
             lines.append(f"{entry.qualname} ({entry.module}): no transitions declared")
@@ -246,6 +240,11 @@ def format_report(coverage: TransitionCoverage, *, details: bool = True) -> list
             f"{entry.qualname} ({entry.module}): {entry.ran} of {entry.declared} "
             f"transitions ran, {format_percent(entry.percent)}"
         )
+        # Columns line up within a class: its rows read the same whatever else ran.
+        rows = [_describe(spec) for spec in entry.counts]
+        trigger_width = max(len(trigger) for trigger, _ in rows)
+        move_width = max(len(move) for _, move in rows)
+        count_width = max(len(str(count)) for count in entry.counts.values())
         for spec, count in entry.counts.items():
             if not details and count:
                 continue

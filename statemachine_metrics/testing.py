@@ -412,14 +412,22 @@ def rule_based(
         TestWorker = rule_based(Worker, invariants=[no_job_when_idle]).TestCase
         TestWorker.settings = settings(max_examples=200)
 
-    Needs Hypothesis (the ``testing`` extra).
+    Needs Hypothesis (``pip install hypothesis``), which the rest of this module does not.
 
     Raises:
         TypeError: `cls` is not a machine class with metrics; an argument has the wrong
             type.
         ValueError: `cls` declares no transitions; `arguments` names an unknown trigger.
     """
-    from ._rule_based import rule_based as build
+    try:
+        from ._rule_based import rule_based as build
+    except ModuleNotFoundError as missing:
+        if missing.name != "hypothesis":
+            raise
+        raise ModuleNotFoundError(
+            "rule_based() makes Hypothesis tests and needs Hypothesis: pip install hypothesis",
+            name="hypothesis",
+        ) from None
 
     return build(
         cls,

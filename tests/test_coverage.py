@@ -125,12 +125,12 @@ TOTAL_PERCENT = 100 * 5 / 9
 
 WORKER_ROWS = [
     "Worker (machines): 4 of 6 transitions ran, 66%",
-    "  6  start       idle -> running",
-    "  2  finish      running -> idle",
-    "  0  fail        idle -> error       never ran",
-    "  2  fail        running -> error",
-    "  2  ping        running (internal)",
-    "  0  reset       error -> idle       never ran",
+    "  6  start   idle -> running",
+    "  2  finish  running -> idle",
+    "  0  fail    idle -> error       never ran",
+    "  2  fail    running -> error",
+    "  2  ping    running (internal)",
+    "  0  reset   error -> idle       never ran",
 ]
 
 
@@ -161,12 +161,12 @@ def test_counts_every_declared_transition_of_every_class(project: pytest.Pyteste
         [
             "*= machine transition coverage =*",
             "Quiet (machines): 0 of 2 transitions ran, 0%",
-            "  0  switch_on   off -> on           never ran",
-            "  0  switch_off  on -> off           never ran",
+            "  0  switch_on   off -> on  never ran",
+            "  0  switch_off  on -> off  never ran",
             *WORKER_ROWS,
             "test_a_class_defined_in_a_test.<locals>.Local (test_two): 1 of 1 transitions ran, "
             "100%",
-            "  1  go          a -> b",
+            "  1  go  a -> b",
             "TOTAL: * of * declared transitions ran, *%",
             f"JSON report written to {project.path / 'cov.json'}",
         ]
@@ -224,7 +224,7 @@ def test_fail_under_fails_the_run_when_coverage_is_under_the_limit(
     )
     # -q: only the transitions that never ran are listed.
     result.stdout.no_fnmatch_line("*start*idle -> running*")
-    result.stdout.fnmatch_lines(["  0  reset       error -> idle       never ran"])
+    result.stdout.fnmatch_lines(["  0  reset   error -> idle       never ran"])
 
 
 def test_failing_tests_keep_their_exit_code(project: pytest.Pytester) -> None:

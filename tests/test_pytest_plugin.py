@@ -243,3 +243,28 @@ def test_typo(machine_metrics):
         ]
     )
     result.stdout.no_fnmatch_line("*statemachine_metrics?testing.py*")
+
+
+RULE_BASED_EXAMPLE = EXAMPLE.parent / "test_rule_based_example.py"
+DOCS_PAGE = EXAMPLE.parent.parent / "docs" / "testing.md"
+
+
+def test_the_rule_based_example_suite_passes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_rule_based_example=RULE_BASED_EXAMPLE.read_text())
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*TestWorkerOnAsyncio::runTest PASSED*"])
+    result.stdout.fnmatch_lines(["*TestWorkerOnTrio::runTest PASSED*"])
+
+
+def test_the_coverage_table_in_the_docs_is_what_the_example_prints(
+    pytester: pytest.Pytester,
+) -> None:
+    page = DOCS_PAGE.read_text()
+    start = page.index("Worker (test_worker_example)")
+    shown = page[start : page.index("TOTAL:", start)].splitlines()
+    assert len(shown) == 6
+    pytester.makepyfile(test_worker_example=EXAMPLE.read_text())
+    result = pytester.runpytest("--machine-coverage")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(shown, consecutive=True)
