@@ -7,7 +7,9 @@ from transitions import MachineError as MachineError
 
 from ._collector import MachineCollector as MachineCollector
 from ._enum import Enum as Enum
+from ._exposition import make_asgi_app as make_asgi_app
 from ._exposition import serve_metrics as serve_metrics
+from ._format import generate_latest as generate_latest
 from ._machine import MeteredMachine as MeteredMachine
 from ._machine import TransitionSpec as TransitionSpec
 from ._taskmachine import TaskMachine as TaskMachine
@@ -22,6 +24,8 @@ __all__ = [
     "TaskMachine",
     "TransitionSpec",
     "Trigger",
+    "generate_latest",
+    "make_asgi_app",
     "serve_metrics",
 ]
 __version__ = "0.1.0"
