@@ -7,6 +7,8 @@ from transitions import MachineError as MachineError
 
 from ._collector import MachineCollector as MachineCollector
 from ._enum import Enum as Enum
+from ._events import EventData as EventData
+from ._events import TransitionEvent as TransitionEvent
 from ._exposition import make_asgi_app as make_asgi_app
 from ._exposition import serve_metrics as serve_metrics
 from ._format import generate_latest as generate_latest
@@ -18,10 +20,12 @@ from ._trigger import Trigger as Trigger
 __all__ = [
     "REGISTRY",
     "Enum",
+    "EventData",
     "MachineCollector",
     "MachineError",
     "MeteredMachine",
     "TaskMachine",
+    "TransitionEvent",
     "TransitionSpec",
     "Trigger",
     "generate_latest",

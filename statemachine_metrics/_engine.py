@@ -50,11 +50,6 @@ logger = logging.getLogger("statemachine_metrics")
 _MISSING: Any = object()
 _perf_counter = time.perf_counter
 
-#: Called after every transition that ran, with (machine, trigger, source, dest); dest is
-#: None for an internal transition. Kept for the testing module until it listens publicly.
-watchers: list[Callable[[MeteredMachine, str, str, str | None], None]] = []
-
-
 class Callback:
     """A compiled callback: a fixed callable, or the name of an attribute of the machine."""
 
@@ -392,9 +387,6 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
             timers.moved(dest)
     if step.listening or machine._listeners is not None:
         _notify(machine, step, state, elapsed)
-    if watchers:
-        for watcher in tuple(watchers):
-            watcher(machine, step.trigger, state, dest)
 
 
 #: Returns the exemplar labels for the current transition (the current OpenTelemetry
@@ -828,16 +820,33 @@ async def may(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> bool:
-    """Whether the trigger would run now: `prepare` and the conditions, nothing else."""
+    """Whether the trigger would run now, as `AsyncMachine`'s ``may_<trigger>`` tells:
+    for each candidate transition, ``prepare_event``, its ``prepare`` and its conditions,
+    nothing else (``on_exception`` takes what they raise, when set)."""
     if machine._series is None:
         raise _closed(machine)
     hooks = dispatch.hooks
+    event = None
+    cargs, ckwargs = args, kwargs
     if hooks is not None and hooks.send_event:
         event = EventData(machine, dispatch.info, hooks.states[machine._state], args, kwargs)
-        args, kwargs = (event,), {}
+        cargs, ckwargs = (event,), {}
     for step in dispatch.steps.get(machine._state, ()):
-        if step.prepare:
-            await _callbacks(machine, step.prepare, args, kwargs, None)
-        if not step.conditions or await _conditions(machine, step.conditions, args, kwargs, None):
-            return True
+        if event is not None:
+            event.transition = step.info
+        try:
+            if hooks is not None and hooks.prepare_event:
+                await _callbacks(machine, hooks.prepare_event, cargs, ckwargs, None)
+            if step.prepare:
+                await _callbacks(machine, step.prepare, cargs, ckwargs, None)
+            if not step.conditions or await _conditions(
+                machine, step.conditions, cargs, ckwargs, None
+            ):
+                return True
+        except Exception as exc:
+            if hooks is None or not hooks.on_exception:
+                raise
+            if event is not None:
+                event.error = exc
+            await _callbacks(machine, hooks.on_exception, cargs, ckwargs, None)
     return False

@@ -217,6 +217,7 @@ class MeteredMachine:
     _index: ClassVar[dict[str, int]] = {}
     _triggers: ClassVar[dict[str, Dispatch]] = {}
     _hooks: ClassVar[Hooks | None] = None
+    _members: ClassVar[Mapping[str, object] | None] = None
     # Listeners added on this class, and those of this class and its bases, which every
     # compiled step of the class holds (one list, changed in place).
     _own_listeners: ClassVar[list[Listener]] = []
@@ -331,8 +332,13 @@ class MeteredMachine:
 
     @property
     def state(self) -> str:
-        """The current state."""
-        return self._state
+        """The current state: its name or, when the class gives its states as an
+        `enum.Enum` class, its member (as in transitions; declare the enum with the `str`
+        mixin, ``class Phase(str, enum.Enum)``, for the member to be a `str` too)."""
+        members = type(self)._members
+        if members is None:
+            return self._state
+        return members[self._state]  # type: ignore[return-value]
 
     @property
     def labels(self) -> dict[str, str]:
@@ -646,6 +652,7 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
             {state: StateInfo(state, state in finals) for state in machine.states},
         )
     cls._hooks = hooks
+    cls._members = getattr(definition, "enum_members", None) or None
 
     triggers: dict[str, Dispatch] = {}
     if family is not None:
