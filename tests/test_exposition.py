@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import itertools
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import prometheus_client
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as reference_openmetrics
 
-from statemachine_metrics import MachineCollector, MeteredMachine, _engine, generate_latest
+from statemachine_metrics import (
+    MachineCollector,
+    MeteredMachine,
+    _engine,
+    generate_latest,
+    make_asgi_app,
+    serve_metrics,
+)
 
 # Label values and states that need escaping, and some that sort before and after others.
 ODD = ["", "a", "Z", 'q"uote', "back\\slash", "new\nline", "ünï✓", "{0}", "x}y{"]
@@ -284,3 +295,119 @@ def test_scrapes_during_churn_never_raise_nor_show_half_a_machine() -> None:
             thread.join()
     assert not failures, failures[0]
     assert scrapes[0] > 0
+
+
+# -- serving -------------------------------------------------------------------------------
+
+ACCEPT = [
+    None,
+    "text/plain",
+    "text/plain;version=0.0.4",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=dots",
+    "application/openmetrics-text",
+    "application/openmetrics-text;version=1.0.0;escaping=values",
+    "application/openmetrics-text;version=0.0.1",
+    # What Prometheus 3 sends.
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+    "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+]
+
+
+async def asgi_get(
+    app: Any, accept: str | None, encoding: str | None, query: bytes
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    headers = [(b"host", b"localhost")]
+    if accept is not None:
+        headers.append((b"Accept", accept.encode()))
+    if encoding is not None:
+        headers.append((b"accept-encoding", encoding.encode()))
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+    scope["query_string"] = query
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start, body = sent
+    headers_sent = dict(start["headers"])
+    payload = body["body"]
+    if headers_sent.get(b"Content-Encoding") == b"gzip":
+        payload = gzip.decompress(payload)  # gzip stamps the time: compare what it holds
+    return start["status"], headers_sent, payload
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("accept", ACCEPT)
+@pytest.mark.parametrize(
+    ("encoding", "query"),
+    [(None, b""), ("gzip, deflate", b""), (None, b"name[]=exposition_door_state_machines")],
+)
+async def test_asgi_app_negotiates_as_prometheus_client(
+    anyio_backend: str, accept: str | None, encoding: str | None, query: bytes
+) -> None:
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(Door))
+    prometheus_client.Counter("requests", "Requests", ["path"], registry=registry).labels("/")
+    door = Door(labels={"door": "x.y"})
+    await door.push()
+    with frozen_clock():
+        ours = await asgi_get(make_asgi_app(registry), accept, encoding, query)
+        theirs = await asgi_get(prometheus_client.make_asgi_app(registry), accept, encoding, query)
+    assert ours == theirs
+    assert ours[0] == 200
+    assert (b"Content-Encoding" in ours[1]) == (encoding is not None)
+
+
+@pytest.mark.anyio
+async def test_asgi_app_without_compression(anyio_backend: str) -> None:
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(Door))
+    _, headers, body = await asgi_get(
+        make_asgi_app(registry, disable_compression=True), None, "gzip", b""
+    )
+    assert b"Content-Encoding" not in headers
+    assert body.startswith(b"# HELP exposition_door_state State of a door\n")
+
+
+def http_get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+@pytest.mark.anyio
+async def test_serve_metrics_serves_our_exposition(anyio_backend: str) -> None:
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(Door))
+    door = Door(labels={"door": 'say "hi"'})
+    await door.push()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_metrics, 0, "127.0.0.1", registry)
+        url = f"http://127.0.0.1:{port}/metrics"
+        accept = "application/openmetrics-text; version=1.0.0"
+        with frozen_clock():
+            status, headers, body = await anyio.to_thread.run_sync(
+                http_get, url, {"Accept": accept}
+            )
+            expected = reference_openmetrics(registry)
+        assert status == 200
+        assert headers["Content-Type"].startswith("application/openmetrics-text")
+        assert body == expected
+        assert b'door="say \\"hi\\"",exposition_door_state="open"} 1.0' in body
+
+        status, headers, body = await anyio.to_thread.run_sync(http_get, url, {})
+        assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert body.startswith(b"# HELP exposition_door_state State of a door\n")
+
+        post = urllib.request.Request(url, data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await anyio.to_thread.run_sync(urllib.request.urlopen, post)
+        refused.value.close()
+        assert refused.value.code == 405
+        tg.cancel_scope.cancel()
