@@ -1,6 +1,7 @@
 """An ASGI app that runs each request through a machine and serves `/metrics`.
 
-`/metrics` is `prometheus_client.make_asgi_app()`, mounted by a few lines of plain ASGI:
+`/metrics` is `statemachine_metrics.make_asgi_app()` (prometheus_client's, with machine
+families formatted by the library), mounted by a few lines of plain ASGI:
 no web framework involved, and the same app object works under any ASGI server. Every
 other request is a short-lived `Request` machine, `received` -> `handling` -> `done` or
 `failed`. With many machines alive at once, read `myapp_request_state_machines` (requests
@@ -20,9 +21,7 @@ import argparse
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from prometheus_client import make_asgi_app
-
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, make_asgi_app
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
