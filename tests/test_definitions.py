@@ -386,7 +386,7 @@ def test_trigger_clashing_with_generated_may_trigger_fails() -> None:
         pytest.param(
             {"labelnames": "worker"},
             TypeError,
-            "Bad: labelnames must be a sequence of names, not a string",
+            "Bad: labelnames= must be a sequence of label names, got 'worker'",
             id="labelnames-as-string",
         ),
         pytest.param(
@@ -897,7 +897,7 @@ def test_a_base_class_without_states_passes_its_keywords_down() -> None:
 
 
 def test_an_empty_metric_name_fails() -> None:
-    with pytest.raises(ValueError, match=re.escape("Bad: name must be a non-empty string")):
+    with pytest.raises(ValueError, match=re.escape("Bad: name= must be a non-empty string")):
         define(name="")
 
 
