@@ -82,7 +82,8 @@ async def crawl(crawler: Crawler, pages: Sequence[str]) -> list[str]:
     return path
 
 
-async def main() -> dict[str, list[str]]:
+async def main() -> tuple[dict[str, list[str]], str]:
+    """Crawl with two crawlers; their paths, and the exposition before they close."""
     crawlers = [Crawler("c1"), Crawler("c2")]
     jobs = [["home", "about"], ["home", "broken"]]
     paths: dict[str, list[str]] = {}
@@ -93,22 +94,23 @@ async def main() -> dict[str, list[str]]:
     async with anyio.create_task_group() as tg:
         for crawler, pages in zip(crawlers, jobs):
             tg.start_soon(run, crawler, pages)
+    exposition = generate_latest(REGISTRY).decode()
     for crawler in crawlers:
         await crawler.aclose()
-    return paths
+    return paths, exposition
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     args = parser.parse_args(argv)
-    paths = anyio.run(main, backend=args.backend)
+    paths, exposition = anyio.run(main, backend=args.backend)
     for name, path in paths.items():
         print(f"{name}: {' -> '.join(path)}")
     print()
     print(Crawler.mermaid())
     print()
-    print(generate_latest(REGISTRY).decode(), end="")
+    print(exposition, end="")
     print()
     print("# time in running, any step:")
     print('#   sum(myapp_crawler_state_machines{myapp_crawler_state=~"running_.*"})')

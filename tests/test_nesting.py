@@ -327,14 +327,29 @@ async def test_nested_worker_example(
     anyio_backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     example = load_example("nested_worker")
-    paths = await example.main()
+    paths, exposition = await example.main()
     page = ["running_fetching", "running_parsing", "running_saving", "idle"]
     assert paths["c1"] == ["idle", *page, *page]
     retried = ["running_fetching", "running_parsing", "failed", *page]
     assert paths["c2"] == ["idle", *page, *retried]
+    assert 'myapp_crawler_state{crawler="c1",myapp_crawler_state="idle"} 1.0' in exposition
     text = generate_latest(example.REGISTRY).decode()
     assert (
         "myapp_crawler_state_transitions_total"
         '{from="running_parsing",to="failed",trigger="fail"} 1.0' in text
     )
     assert 'myapp_crawler_state_machines{myapp_crawler_state="idle"} 0.0' in text  # closed
+
+
+def test_docs_diagram_is_the_examples() -> None:
+    page = (EXAMPLES.parent / "docs" / "nested-states.md").read_text()
+    drawn = page.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert drawn.strip() == load_example("nested_worker").Crawler.mermaid()
+
+
+def test_example_prints_paths_diagram_and_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    load_example("nested_worker").cli(["--backend", "trio"])
+    out = capsys.readouterr().out
+    assert "c2: idle -> running_fetching -> running_parsing -> running_saving -> idle" in out
+    assert "state running {" in out
+    assert 'myapp_crawler_state_machines{myapp_crawler_state="idle"} 2.0' in out
