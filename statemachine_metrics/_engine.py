@@ -806,12 +806,20 @@ def _asyncio_inside(turn: Turn, task: object) -> bool:
         task = host
 
 
+_task_states: Any = _MISSING
+
+
 def _anyio_task_states() -> Any:
-    try:
-        from anyio._backends import _asyncio
-    except ImportError:  # pragma: no cover - anyio always has it
-        return None
-    return getattr(_asyncio, "_task_states", None)
+    """anyio's record of the asyncio tasks it started (their cancel scopes), or None."""
+    global _task_states
+    if _task_states is _MISSING:
+        try:
+            from anyio._backends import _asyncio
+        except ImportError:  # pragma: no cover - anyio always has it
+            _task_states = None
+        else:
+            _task_states = getattr(_asyncio, "_task_states", None)
+    return _task_states
 
 
 async def may(
