@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -353,3 +354,20 @@ def test_example_prints_paths_diagram_and_metrics(capsys: pytest.CaptureFixture[
     assert "c2: idle -> running_fetching -> running_parsing -> running_saving -> idle" in out
     assert "state running {" in out
     assert 'myapp_crawler_state_machines{myapp_crawler_state="idle"} 2.0' in out
+
+
+@pytest.mark.anyio
+async def test_timeout_on_a_nested_state(anyio_backend: str) -> None:
+    class Fetch(MeteredMachine, registry=None):
+        states = [
+            "idle",
+            {"name": "running", "initial": "waiting", "children": ["waiting", "done"]},
+        ]
+        transitions = [["start", "idle", "running"], ["give_up", "running", "idle"]]
+        timeouts = {"running_waiting": (0.01, "give_up")}
+
+    async with Fetch() as fetch:
+        await fetch.start()
+        assert fetch.state == "running_waiting"
+        await anyio.sleep(0.2)
+        assert fetch.state == "idle"
