@@ -8,6 +8,7 @@ generates the trigger methods.
 from __future__ import annotations
 
 import difflib
+import enum
 import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
@@ -315,6 +316,15 @@ class MeteredMachine:
             why = "it declares no states" if definition is None else "it is a template"
             raise TypeError(f"{cls.__qualname__} is abstract ({why}); subclass it with states")
         state = definition.initial if initial is None else initial
+        if isinstance(state, enum.Enum) and cls._members is not None:
+            state = state.name
+        tree = definition.tree
+        if tree is not None and isinstance(state, str) and state in tree.nodes:
+            # A compound state with an initial child: the machine starts in that child.
+            node = tree.nodes[state]
+            while node.initial is not None:
+                node = tree.nodes[node.initial]
+            state = node.name
         index = cls._index.get(state) if isinstance(state, str) else None
         if index is None:
             raise ValueError(

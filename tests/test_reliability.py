@@ -462,3 +462,27 @@ async def test_on_enter_methods_resolve_as_async_machine_resolves_them() -> None
 
     await Ours().go()
     assert calls == expected == ["classmethod enter b"]
+
+
+def test_initial_may_name_a_compound_state_or_an_enum_member() -> None:
+    import enum
+
+    class Nested(MeteredMachine, registry=None, name="rel_nested"):
+        states = [
+            "idle",
+            {"name": "running", "children": ["fetching", "parsing"], "initial": "fetching"},
+        ]
+        transitions = [["go", "idle", "running"]]
+
+    assert Nested(initial="running").state == "running_fetching"
+
+    class Phase(enum.Enum):
+        A = 1
+        B = 2
+
+    class Phased(MeteredMachine, registry=None, name="rel_phased"):
+        states = Phase
+        transitions = [["go", "A", "B"]]
+
+    assert Phased(initial=Phase.B).state is Phase.B  # type: ignore[comparison-overlap]
+    assert Phased().state is Phase.A  # type: ignore[comparison-overlap]
