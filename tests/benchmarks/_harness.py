@@ -16,6 +16,8 @@ class Row:
     name: str
     seconds: float
     anchor: str | None = None
+    #: A second row to compare with (the floor, where the anchor is a contender).
+    also: str | None = None
 
 
 @dataclass
@@ -30,8 +32,10 @@ class Table:
         self.following.append(other)
         return self
 
-    def add(self, name: str, seconds: float, anchor: str | None = None) -> Row:
-        row = Row(name, seconds, anchor)
+    def add(
+        self, name: str, seconds: float, anchor: str | None = None, also: str | None = None
+    ) -> Row:
+        row = Row(name, seconds, anchor, also)
         self.rows.append(row)
         return row
 
@@ -41,9 +45,12 @@ class Table:
         width = max(len(row.name) for row in self.rows)
         lines = [f"## {self.title}", "", f"| case | {self.unit} | ratio |", "| --- | ---: | ---: |"]
         for row in self.rows:
-            ratio = ""
-            if row.anchor is not None:
-                ratio = f"{row.seconds / by_name[row.anchor].seconds:.2f}x {row.anchor}"
+            ratios = [
+                f"{row.seconds / by_name[other].seconds:.2f}x {other}"
+                for other in (row.anchor, row.also)
+                if other is not None
+            ]
+            ratio = "; ".join(ratios)
             lines.append(f"| {row.name:<{width}} | {row.seconds * scale:.3f} | {ratio} |")
         text = "\n".join(lines) + "\n"
         return "\n".join([text, *(table.render() for table in self.following)])
@@ -58,3 +65,21 @@ def median_time(run: Callable[[], object], operations: int, repeats: int = 7) ->
         run()
         samples.append((time.perf_counter() - start) / operations)
     return statistics.median(samples)
+
+
+def interleaved(
+    cases: dict[str, tuple[Callable[[], object], int]], rounds: int = 5
+) -> dict[str, float]:
+    """Median seconds per operation of each case, its runs interleaved round by round.
+
+    `cases` maps a name to ``(run, operations)``. Interleaving spreads the machine's slow
+    moments over every case alike, so the ratios between them hold up on a busy machine.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (run, operations) in cases.items():
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - start) / operations)
+    return {name: statistics.median(times) for name, times in samples.items()}

@@ -1,13 +1,22 @@
-"""Scraping (`generate_latest`) machines, against a prometheus_client Enum with the same series."""
+"""A scrape of labelled machines, against prometheus_client `Enum`s with the same series.
+
+Two ways to scrape machines: prometheus_client's own `generate_latest` over a registry
+holding a `MachineCollector`, and the library's `generate_latest` (what `serve_metrics`
+and `make_asgi_app` serve), which formats machine families itself.
+"""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
+
 import prometheus_client
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
-from statemachine_metrics import MachineCollector, MeteredMachine
+from statemachine_metrics import MachineCollector, MeteredMachine, generate_latest
 
-from ._harness import Table, median_time
+from ._harness import Table, interleaved
 
 STATES = ["idle", "running", "error"]
 TRANSITIONS = [["start", "idle", "running"], ["finish", "running", "idle"]]
@@ -29,30 +38,61 @@ def unlabelled_class() -> type[MeteredMachine]:
     return Job
 
 
-def scrape_time(registry: CollectorRegistry) -> float:
-    return median_time(lambda: generate_latest(registry), 1, repeats=5)
+def without_gc(run: Callable[[], object]) -> Callable[[], object]:
+    def scrape() -> object:
+        gc.disable()
+        try:
+            return run()
+        finally:
+            gc.enable()
+
+    return scrape
 
 
 def run() -> Table:
-    table = Table("Scrape (generate_latest), per scrape", unit="ms/op")
-    for count in (10_000, 100_000):
+    table = Table("Scrape, per scrape", unit="ms/op")
+    for count, rounds in ((10_000, 7), (100_000, 3)):
         reference = CollectorRegistry()
         enum = prometheus_client.Enum(
             "worker_state", "d", ["worker"], states=STATES, registry=reference
         )
         for i in range(count):
             enum.labels(str(i))
-        anchor = f"prometheus_client Enum, {count:,} label sets"
-        table.add(anchor, scrape_time(reference))
-
         cls = labelled_class()
         machines = [cls(labels={"worker": str(i)}) for i in range(count)]
-        enum_only = CollectorRegistry()
-        enum_only.register(cls.metric)
-        table.add(f"ours, Enum of {count:,} machines", scrape_time(enum_only), anchor)
-        everything = CollectorRegistry()
-        everything.register(MachineCollector(cls))
-        table.add(f"ours, all metrics of {count:,} machines", scrape_time(everything), anchor)
+        registry = CollectorRegistry()
+        registry.register(MachineCollector(cls))
+
+        anchor = f"prometheus_client Enum, {count:,} label sets, text"
+        om_anchor = f"prometheus_client Enum, {count:,} label sets, OpenMetrics"
+        plain = f"prometheus_client.generate_latest, {count:,} machines, all metrics"
+        ours = f"ours, generate_latest, {count:,} machines, all metrics, text"
+        cases: dict[str, tuple[Callable[[], object], int]] = {
+            anchor: (lambda r=reference: prometheus_client.generate_latest(r), 1),
+            plain: (lambda r=registry: prometheus_client.generate_latest(r), 1),
+            ours: (lambda r=registry: generate_latest(r), 1),
+        }
+        if count == 10_000:
+            cases[om_anchor] = (lambda r=reference: openmetrics_latest(r), 1)
+            cases[f"ours, generate_latest, {count:,} machines, all metrics, OpenMetrics"] = (
+                lambda r=registry: generate_latest(r, openmetrics=True),
+                1,
+            )
+        else:
+            # The garbage collector walks every object a scrape allocates; prometheus_client's
+            # scrapes allocate several per sample.
+            cases[f"{plain}, garbage collector off"] = (
+                without_gc(lambda r=registry: prometheus_client.generate_latest(r)),
+                1,
+            )
+        times = interleaved(cases, rounds=rounds)
+        for name, seconds in times.items():
+            if name in (anchor, om_anchor):
+                table.add(name, seconds)
+            elif "OpenMetrics" in name:
+                table.add(name, seconds, om_anchor)
+            else:
+                table.add(name, seconds, anchor)
         del machines
 
     for count in (10, 1_000_000):
@@ -60,6 +100,19 @@ def run() -> Table:
         machines = [cls() for _ in range(count)]
         registry = CollectorRegistry()
         registry.register(MachineCollector(cls))
-        table.add(f"ours, all metrics of {count:,} unlabelled machines", scrape_time(registry))
+        times = interleaved(
+            {
+                f"prometheus_client.generate_latest, {count:,} unlabelled machines": (
+                    lambda r=registry: prometheus_client.generate_latest(r),
+                    1,
+                ),
+                f"ours, generate_latest, {count:,} unlabelled machines": (
+                    lambda r=registry: generate_latest(r),
+                    1,
+                ),
+            }
+        )
+        for name, seconds in times.items():
+            table.add(name, seconds)
         del machines
     return table
