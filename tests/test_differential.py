@@ -263,6 +263,8 @@ class Side:
         return self.functions[marker]
 
     def resolve(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: self.resolve(item) for key, item in value.items()}
         if isinstance(value, list):
             return [self.resolve(item) for item in value]
         if isinstance(value, str) and value.startswith("fn:"):
@@ -278,11 +280,26 @@ class Side:
 _ENUMS: dict[tuple[str, ...], type[enum.Enum]] = {}
 
 
-def declared(case: Case) -> tuple[Any, list[Any], Any]:
+def first_state(case: Case) -> Any:
+    first = case.state_names[0]
+    return first if case.enum_form is None else _ENUMS[tuple(case.state_names)][first]
+
+
+def declared(side: Side) -> tuple[Any, list[Any], Any]:
     """The case's states, transitions and initial state, as the case gives them: with
-    names, or with the members of an Enum (one class per list of names, for both sides)."""
-    states = copy.deepcopy(case.states)
-    transitions = copy.deepcopy(case.transitions)
+    names, or with the members of an Enum (one class per list of names, for both sides),
+    and the side's functions for "fn:" markers."""
+    case = side.case
+    states = [
+        s if isinstance(s, str) else {k: side.resolve(v) for k, v in s.items()}
+        for s in copy.deepcopy(case.states)
+    ]
+    transitions = [
+        [*t[:3], *(side.resolve(v) for v in t[3:])]
+        if isinstance(t, list)
+        else {k: v if k in ("trigger", "source", "dest") else side.resolve(v) for k, v in t.items()}
+        for t in copy.deepcopy(case.transitions)
+    ]
     if case.enum_form is None:
         return states, transitions, case.initial
     names = tuple(case.state_names)
@@ -296,7 +313,9 @@ def declared(case: Case) -> tuple[Any, list[Any], Any]:
     if case.enum_form == "class" and all(isinstance(s, str) for s in states):
         given: Any = members
     else:
-        given = [member(s) if isinstance(s, str) else {**s, "name": member(s["name"])} for s in states]
+        given = [
+            member(s) if isinstance(s, str) else {**s, "name": member(s["name"])} for s in states
+        ]
     for entry in transitions:
         for key, index in (("source", 1), ("dest", 2)):
             if isinstance(entry, list):
@@ -381,9 +400,13 @@ def _field(draw: st.DrawFn, names: list[str]) -> str | list[str]:
 
 
 @st.composite
-def callback_lists(draw: st.DrawFn) -> list[str]:
+def callback_lists(
+    draw: st.DrawFn, specials: tuple[str, ...] = SPECIAL_CALLBACKS, functions: bool = False
+) -> list[str]:
     names = draw(st.lists(st.sampled_from(PLAIN_CALLBACKS), max_size=3))
-    special = draw(st.sampled_from((None,) * 10 + SPECIAL_CALLBACKS))
+    if functions:  # some of them as plain functions rather than method names
+        names = [f"fn:{n}" if n != "a0" and draw(st.booleans()) else n for n in names]
+    special = draw(st.sampled_from((None,) * 10 + specials)) if specials else None
     return names if special is None else [*names, special]
 
 
@@ -408,7 +431,7 @@ def condition_lists(draw: st.DrawFn) -> tuple[list[str], list[str]]:
 
 @st.composite
 def transitions_of(
-    draw: st.DrawFn, names: list[str], triggers: list[str]
+    draw: st.DrawFn, names: list[str], triggers: list[str], firing: tuple[str, ...] = ()
 ) -> list[Any] | dict[str, Any]:
     trigger = draw(st.sampled_from(triggers))
     state = st.sampled_from(names)
@@ -428,7 +451,7 @@ def transitions_of(
         "conditions": conditions,
         "unless": unless,
         "before": draw(callback_lists()),
-        "after": draw(callback_lists()),
+        "after": draw(callback_lists(SPECIAL_CALLBACKS + firing)),
         "prepare": draw(callback_lists()),
     }
     if not fields["prepare"] and draw(st.booleans()):
@@ -447,24 +470,30 @@ def transitions_of(
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn, features: frozenset[str] = frozenset()) -> Case:
+    """A case; `features` adds: "callbacks" (machine-level), "final" (final states),
+    "fires" (callbacks firing triggers), "send_event", "queued", "enum", "ordered"."""
     names = [f"s{i}" for i in range(draw(st.integers(2, 6)))]
+    firing = FIRING_CALLBACKS if "fires" in features else ()
     dynamic: dict[str, Behaviour] = {}
     states: list[Any] = []
     for name in names:
         entry: dict[str, Any] = {"name": name}
         as_dict = draw(st.booleans())
         for kind in ("on_enter", "on_exit"):
-            listed = draw(callback_lists()) if as_dict else []
+            specials = SPECIAL_CALLBACKS + (firing if kind == "on_enter" else ())
+            listed = draw(callback_lists(specials)) if as_dict else []
             if listed or (as_dict and draw(st.booleans())):
                 entry[kind] = _field(draw, listed) if listed else []
             # The <kind>_<state> method comes after the listed ones: never after a special.
-            last_is_special = bool(listed) and listed[-1] in SPECIAL_CALLBACKS
+            last_is_special = bool(listed) and listed[-1] in specials
             if not last_is_special and draw(st.booleans()):
                 dynamic[f"{kind}_{name}"] = draw(st.sampled_from(DYNAMIC_BEHAVIOURS))
+        if "final" in features and draw(st.sampled_from((False, False, True))):
+            entry["final"] = as_dict = True
         states.append(entry if as_dict else name)
     triggers = [f"t{i}" for i in range(draw(st.integers(1, 4)))]
-    transitions = draw(st.lists(transitions_of(names, triggers), min_size=1, max_size=10))
+    transitions = draw(st.lists(transitions_of(names, triggers, firing), min_size=1, max_size=10))
     initial = draw(st.none() | st.sampled_from(names))
     results: dict[str, tuple[object, ...]] = {
         name: tuple(draw(st.sampled_from(DRAWN_RESULTS)) for _ in range(ARG_KEYS))
@@ -477,6 +506,40 @@ def cases(draw: st.DrawFn) -> Case:
     }
     constants: dict[str, object] = {name: draw(st.sampled_from(RESULTS)) for name in CONSTANTS}
     case = Case(states, transitions, initial, dynamic, constants, results, raises, ops=[])
+    if "callbacks" in features:
+        allowed = {
+            "prepare_event": SPECIAL_CALLBACKS,
+            "before_state_change": SPECIAL_CALLBACKS,
+            "after_state_change": SPECIAL_CALLBACKS + firing,
+            "on_final": SPECIAL_CALLBACKS + firing,
+            # Neither raises: which error a raising handler would count is not compared.
+            "finalize_event": ("a1", *firing),
+            "on_exception": ("a1",),
+        }
+        for attribute, specials in allowed.items():
+            if draw(st.booleans()):
+                listed = draw(callback_lists(specials, functions=True))
+                case.machine[attribute] = _field(draw, listed) if listed else []
+    case.fires = {name: draw(st.sampled_from(case.triggers)) for name in firing}
+    case.send_event = "send_event" in features
+    case.queued = "queued" in features
+    if "enum" in features:
+        case.enum_form = draw(st.sampled_from(("class", "members")))
+    if "ordered" in features:
+        case.ordered = draw(
+            st.just(True)
+            | st.fixed_dictionaries(
+                {},
+                optional={
+                    "trigger": st.sampled_from(["next_state", "t0", "advance"]),
+                    "loop": st.booleans(),
+                    "loop_includes_initial": st.booleans(),
+                    "conditions": st.sampled_from(PLAIN_CONDITIONS),
+                    # One list for every ordered transition (more would be one each).
+                    "after": callback_lists().map(lambda names: [names]),
+                },
+            )
+        )
     defined = case.triggers
     args = st.lists(st.integers(0, 2), max_size=2).map(tuple)
     kwargs = st.dictionaries(st.sampled_from(["x", "y"]), st.integers(0, 2), max_size=2)
@@ -585,13 +648,13 @@ class Reference(AsyncMachine):
 async def run_reference(case: Case) -> tuple[Any, list[Observation]]:
     side = Side(case)
     model: Any = type("Model", (), namespace(side))()
-    states, transitions, initial = declared(case)
+    states, transitions, initial = declared(side)
     options = side.machine_options()
     machine = Reference(
         model=model,
         states=states,
         transitions=transitions,
-        initial=initial or states[0],
+        initial=first_state(case) if initial is None else initial,
         auto_transitions=False,
         ordered_transitions=case.ordered is True,
         **options,
@@ -678,7 +741,7 @@ def machine_class(side: Side) -> Any:
     """The case as a `MeteredMachine` class."""
     case = side.case
     ns = {**namespace(side), **side.machine_options()}
-    ns["states"], ns["transitions"], initial = declared(case)
+    ns["states"], ns["transitions"], initial = declared(side)
     if initial is not None:
         ns["initial"] = initial
     if case.ordered is not None:
@@ -754,7 +817,7 @@ _EVERYTHING = Case(
 
 
 @settings(
-    max_examples=150,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -822,3 +885,167 @@ def test_documented_difference_an_exception_stops_the_list(
     names = [entry[0] for entry in trace[0].log]
     assert len(names) == 2
     assert [entry[0] for entry in _log_of_ours(case, anyio_backend)] == names[:1]
+
+
+FEATURES = {
+    "machine-callbacks": {"callbacks", "final", "fires"},
+    "send-event": {"send_event", "callbacks", "final"},
+    "queued": {"queued", "fires", "callbacks"},
+    "enum-states": {"enum", "final"},
+    "ordered-transitions": {"ordered"},
+}
+
+
+@pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES)
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_transitions_features_behave_like_async_machine(
+    anyio_backend: str, features: set[str], data: st.DataObject
+) -> None:
+    check(data.draw(cases(frozenset(features)), label="case"), anyio_backend)
+
+
+def _case(**fields: Any) -> Case:
+    """A hand-written case: two or three states, conditions passing, nothing raising."""
+    base: dict[str, Any] = {
+        "states": ["s0", "s1", "s2"],
+        "transitions": [["t0", "s0", "s1"], ["t1", "s1", "s2"]],
+        "initial": None,
+        "dynamic": {},
+        "constants": {"k0": True, "k1": False},
+        "results": dict.fromkeys(CONDITION_NAMES, (True,) * ARG_KEYS),
+        "raises": dict.fromkeys(("r0", "r1", "ar0", "rc0", "arc0"), (False,) * ARG_KEYS),
+        "ops": [Op("fire", "t0", (1,), {"x": 2}), Op("fire", "t1", (), {})],
+    }
+    return Case(**{**base, **fields})
+
+
+EVERY_PHASE = {
+    "prepare_event": ["p0", "fn:p1"],
+    "before_state_change": "a0",
+    "after_state_change": ["fn:p2", "a1"],
+    "finalize_event": "p2",
+    "on_final": ["a0", "fn:p0"],
+}
+SAMPLES = {
+    "every-phase": _case(
+        states=["s0", "s1", {"name": "s2", "final": True, "on_enter": "p1"}],
+        transitions=[
+            {"trigger": "t0", "source": "s0", "dest": "s1", "prepare": "p1", "after": "a0"},
+            {"trigger": "t1", "source": "s1", "dest": "s2", "before": "p0", "after": "p1"},
+            ["t2", "s2", None, None, None, "p0"],
+            ["t3", "s2", "="],
+        ],
+        machine=EVERY_PHASE,
+        ops=[
+            Op("fire", "t0", (1,), {"x": 2}),
+            Op("may", "t1", (), {}),
+            Op("fire", "t1", (), {}),
+            Op("fire", "t2", (0,), {}),
+            Op("fire", "t3", (), {}),
+            Op("fire", "t0", (), {}),
+        ],
+    ),
+    "on-exception": _case(
+        transitions=[
+            ["t0", "s0", "s1", None, None, None, ["p0", "r0"]],
+            ["t1", "s1", "s2", "rc0"],
+        ],
+        machine={"on_exception": ["p1", "fn:p2"], "finalize_event": "a0"},
+        raises={
+            **dict.fromkeys(("r1", "ar0", "arc0"), (False,) * 3),
+            "r0": (True,) * 3,
+            "rc0": (True,) * 3,
+        },
+        ops=[
+            Op("fire", "t0", (), {}),
+            Op("fire", "t1", (), {}),
+            Op("fire", "t0", (), {}),
+            Op("trigger", "t1", (2,), {}),
+        ],
+    ),
+    "finalize-after-an-exception": _case(
+        transitions=[["t0", "s0", "s1", None, None, "ar0"]],
+        machine={"finalize_event": ["p0", "fn:p1"]},
+        raises={**dict.fromkeys(("r0", "r1", "rc0", "arc0"), (False,) * 3), "ar0": (True,) * 3},
+        ops=[Op("fire", "t0", (), {}), Op("fire", "t0", (), {})],
+    ),
+    "send-event": _case(
+        states=["s0", {"name": "s1", "on_enter": "p0", "on_exit": "fn:p1"}, "s2"],
+        transitions=[
+            {"trigger": "t0", "source": "s0", "dest": "s1", "conditions": "c0", "after": "a0"},
+            {"trigger": "t1", "source": "s1", "dest": None, "before": "p2"},
+            {"trigger": "t2", "source": "s1", "dest": "s2", "after": "r0"},
+        ],
+        machine={**EVERY_PHASE, "on_exception": "p1"},
+        send_event=True,
+        raises={**dict.fromkeys(("r1", "ar0", "rc0", "arc0"), (False,) * 3), "r0": (True,) * 3},
+        ops=[
+            Op("fire", "t0", (1,), {"x": 2}),
+            Op("fire", "t1", (2,), {}),
+            Op("fire", "t2", (), {"y": 1}),
+            Op("fire", "t0", (), {}),
+        ],
+    ),
+    "queued": _case(
+        transitions=[
+            ["t0", "s0", "s1", None, None, None, ["p0", "f0"]],
+            ["t1", "s1", "s2", None, None, None, "p1"],
+        ],
+        machine={"after_state_change": "p2", "finalize_event": "a0"},
+        fires={"f0": "t1", "f1": "t0"},
+        queued=True,
+        ops=[Op("fire", "t0", (), {})],
+    ),
+    "nested-by-default": _case(
+        transitions=[
+            ["t0", "s0", "s1", None, None, None, ["p0", "f0"]],
+            ["t1", "s1", "s2", None, None, None, "p1"],
+        ],
+        machine={"after_state_change": "p2", "finalize_event": "a0"},
+        fires={"f0": "t1", "f1": "t0"},
+        ops=[Op("fire", "t0", (), {})],
+    ),
+    "queued-error-clears-the-queue": _case(
+        transitions=[
+            ["t0", "s0", "s1", None, None, None, ["p0", "f0"]],
+            ["t1", "s1", "s2", None, None, None, "r1"],
+        ],
+        fires={"f0": "t1", "f1": "t0"},
+        queued=True,
+        raises={**dict.fromkeys(("r0", "ar0", "rc0", "arc0"), (False,) * 3), "r1": (True,) * 3},
+        ops=[Op("fire", "t0", (), {}), Op("trigger", "t1", (), {})],
+    ),
+    "enum-class": _case(
+        enum_form="class",
+        initial="s1",
+        ops=[Op("fire", "t1", (), {}), Op("fire", "t0", (), {}), Op("may", "t1", (), {})],
+    ),
+    "enum-members": _case(
+        states=["s0", {"name": "s1", "on_enter": "p0"}, {"name": "s2", "final": True}],
+        transitions=[["t0", ["s0", "s2"], "s1"], ["t1", "*", "s2"]],
+        enum_form="members",
+        machine={"on_final": "p1"},
+        ops=[Op("fire", "t0", (), {}), Op("fire", "t1", (), {}), Op("fire", "t0", (), {})],
+    ),
+    "ordered": _case(
+        transitions=[],
+        initial="s1",
+        ordered={"loop_includes_initial": False, "after": [["p0", "fn:p1"]], "conditions": "c1"},
+        ops=[Op("fire", "next_state", (), {})] * 4,
+    ),
+    "ordered-no-loop": _case(
+        transitions=[["t0", "s2", "s0"]],
+        ordered={"trigger": "t1", "loop": False},
+        ops=[Op("fire", "t1", (), {})] * 3 + [Op("fire", "t0", (), {}), Op("may", "t1", (), {})],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLES.values(), ids=SAMPLES)
+def test_each_feature_behaves_like_async_machine(anyio_backend: str, case: Case) -> None:
+    check(case, anyio_backend)
