@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import io
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -60,3 +61,22 @@ def test_main_prints_both_logs_side_by_side(example: types.ModuleType) -> None:
     side_by_side = lines[: lines.index("")]
     assert len(side_by_side) == 20
     assert all("  ==  " in line for line in side_by_side)
+
+
+def test_coming_from_transitions_page_prints_what_it_shows() -> None:
+    """Each ```text block of the page is what the ```python block before it prints."""
+    page = EXAMPLE.parent.parent / "docs" / "coming-from-transitions.md"
+    fences = re.findall(r"^```(\w*)\n(.*?)^```$", page.read_text(), re.M | re.S)
+    namespace: dict[str, object] = {"__name__": "coming_from_transitions"}
+    printed = ""
+    checked = 0
+    for kind, body in fences:
+        if kind == "python":
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(body, str(page), "exec"), namespace)
+            printed = out.getvalue()
+        elif kind == "text":
+            assert printed == body
+            checked += 1
+    assert checked == 4
