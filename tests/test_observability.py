@@ -40,15 +40,17 @@ TRANSITIONS: list[Any] = [
 
 
 def metered(name: str = "Worker", **members: Any) -> Any:
-    """A fresh machine class in its own registry, kept as `cls.registry_`."""
+    """A fresh machine class in its own registry, kept as `cls.registry_` (`labelnames` is
+    the class keyword, the rest are class members)."""
     registry = CollectorRegistry()
+    labelnames = members.pop("labelnames", ())
     namespace: dict[str, Any] = {
         "allowed": False,
         "states": STATES,
         "transitions": TRANSITIONS,
         **members,
     }
-    cls: Any = type(name, (MeteredMachine,), namespace, registry=registry)
+    cls: Any = type(name, (MeteredMachine,), namespace, registry=registry, labelnames=labelnames)
     cls.registry_ = registry
     return cls
 
@@ -210,6 +212,38 @@ async def test_each_state_has_its_own_oldest(anyio_backend: str) -> None:
     assert second["error"] >= first["error"]
     assert second["running"] == 0.0
     assert idle.state == "idle"
+
+
+async def test_oldest_spans_every_label_set_of_a_class(anyio_backend: str) -> None:
+    Worker = metered(labelnames=("worker",))
+    a = Worker(labels={"worker": "a"})
+    await anyio.sleep(0.05)
+    before_b = time.perf_counter()
+    b = Worker(labels={"worker": "b"})
+    c = Worker(labels={"worker": "a"})  # shares a's series
+    assert oldest(Worker, "idle") >= 0.045
+    await a.start()
+    a_running = time.perf_counter()
+    assert oldest(Worker, "idle") <= time.perf_counter() - before_b  # b or c
+    await b.start()
+    await c.start()
+    assert oldest(Worker, "idle") == 0.0
+    floor = time.perf_counter() - a_running
+    assert oldest(Worker, "running") >= floor  # a, the first there
+
+
+async def test_a_nested_trigger_updates_oldest(anyio_backend: str) -> None:
+    async def on_enter_running(self: Any) -> None:
+        await self.finish()
+
+    Worker = metered(on_enter_running=on_enter_running)
+    w = Worker()
+    await anyio.sleep(0.05)
+    began = time.perf_counter()
+    await w.start()  # idle -> running -> idle
+    assert w.state == "idle"
+    assert oldest(Worker, "running") == 0.0
+    assert oldest(Worker, "idle") <= time.perf_counter() - began
 
 
 # -- <name>_trigger_duration_seconds ---------------------------------------------------------
@@ -397,10 +431,15 @@ async def test_the_fast_path_and_another_span_give_their_own_trace_ids(
     with tracer.start_as_current_span("first") as first:
         await w.start()
     with tracer.start_as_current_span("second") as second:
+        await w.heartbeat()  # internal: the counter only
         await w.finish()
     lines = exposition_lines(Worker)
     ids = {}
-    for trigger, source, dest in (("start", "idle", "running"), ("finish", "running", "idle")):
+    for trigger, source, dest in (
+        ("start", "idle", "running"),
+        ("heartbeat", "running", "running"),
+        ("finish", "running", "idle"),
+    ):
         line = line_of(
             lines,
             f'worker_state_transitions_total{{from="{source}",to="{dest}",trigger="{trigger}"}}',
@@ -410,8 +449,12 @@ async def test_the_fast_path_and_another_span_give_their_own_trace_ids(
         ids[trigger] = match.group(1)
     assert ids == {
         "start": format(first.get_span_context().trace_id, "032x"),
+        "heartbeat": format(second.get_span_context().trace_id, "032x"),
         "finish": format(second.get_span_context().trace_id, "032x"),
     }
+    # One exemplar per state left: idle (start) and running (finish).
+    marked = [line for line in lines if line.startswith("worker_state_duration") and " # {" in line]
+    assert len(marked) == 2, marked
 
 
 async def test_no_span_no_exemplar(anyio_backend: str) -> None:
