@@ -268,6 +268,41 @@ async def test_remove_listener_stops_it_and_refuses_an_unknown_one(anyio_backend
         w.remove_listener(on_class)  # a class listener is not the machine's own
 
 
+def test_remove_listener_only_where_it_was_added() -> None:
+    Worker = metered()
+    Child = subclass(Worker, "Child")
+    seen = Seen()
+    Worker.add_listener(seen)
+    with pytest.raises(ValueError, match="Child"):
+        Child.remove_listener(seen)  # it was added on the parent
+    with pytest.raises(ValueError, match="MeteredMachine"):
+        MeteredMachine.remove_listener(seen)
+    Worker.remove_listener(seen)
+
+
+async def test_a_listener_on_a_template_covers_its_concrete_subclasses(
+    anyio_backend: str,
+) -> None:
+    Template: Any = type(
+        "Template",
+        (MeteredMachine,),
+        {"states": STATES, "transitions": TRANSITIONS, "allowed": False},
+        abstract=True,
+        registry=CollectorRegistry(),
+    )
+    seen = Seen()
+    Template.add_listener(seen)
+    First = subclass(Template, "First")
+    Second: Any = type("Second", (Template,), {}, name="second_state")
+    first, second = First(), Second()
+    await first.start()
+    await second.fail()
+    assert [(type(e.machine).__name__, e.trigger) for e in seen.events] == [
+        ("First", "start"),
+        ("Second", "fail"),
+    ]
+
+
 async def test_a_listener_added_twice_is_called_twice_until_removed_twice(
     anyio_backend: str,
 ) -> None:
