@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
+import statemachine_metrics
 from statemachine_metrics import MachineError, MeteredMachine, TransitionEvent
 
 pytestmark = pytest.mark.anyio
@@ -370,6 +371,12 @@ EXEMPLAR = re.compile(r' # \{trace_id="([0-9a-f]{32})"\} (\S+)')
 
 def exposition_lines(cls: Any) -> list[str]:
     lines: list[str] = openmetrics_latest(cls.registry_).decode().splitlines()
+    # The library's own exposition shows the same exemplars (oldest_seconds moves on).
+    ours = statemachine_metrics.generate_latest(cls.registry_, openmetrics=True)
+    steady = [line for line in lines if "_oldest_seconds{" not in line]
+    assert [line for line in ours.decode().splitlines() if "_oldest_seconds{" not in line] == (
+        steady
+    )
     return lines
 
 
