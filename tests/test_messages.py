@@ -35,7 +35,8 @@ TRANSITIONS: list[Any] = [
 
 def metered(name: str = "Worker", /, *, module: str | None = None, **options: Any) -> Any:
     """A fresh machine class; class keywords and members both go in `options`."""
-    keywords = {k: options.pop(k) for k in ("labelnames", "registry", "namespace") if k in options}
+    names = ("labelnames", "registry", "namespace", "name")
+    keywords = {k: options.pop(k) for k in names if k in options}
     keywords.setdefault("registry", CollectorRegistry())
     namespace: dict[str, Any] = {"states": STATES, "transitions": TRANSITIONS, **options}
     if module is not None:
@@ -302,49 +303,53 @@ async def test_finalize_event_runs_after_an_exception_and_its_own_error_is_logge
 
     def finalize(self: Any) -> None:
         calls.append(f"finalize in {self.state}")
-        if self.state == "idle":
-            raise KeyError("finalize failed")
+        raise KeyError("finalize failed")
 
     Worker = metered(
         finalize_event="finalize", finalize=finalize, on_enter_running=on_enter_running
     )
     w = Worker()
-    with pytest.raises(RuntimeError, match="enter failed"):
-        await w.start()
-    assert calls == ["finalize in running"]
-
     with caplog.at_level(logging.ERROR, logger="statemachine_metrics"):
+        with pytest.raises(RuntimeError, match="enter failed"):
+            await w.start()  # the trigger's own error, not finalize_event's
+        assert calls == ["finalize in running"]
         assert await w.finish() is True  # finalize_event raises: logged, not raised
     assert calls == ["finalize in running", "finalize in idle"]
     assert w.state == "idle"
     logged = [r for r in caplog.records if r.name == "statemachine_metrics"]
-    assert len(logged) == 1
-    assert logged[0].exc_info is not None
-    assert isinstance(logged[0].exc_info[1], KeyError)
-    assert "finalize_event" in logged[0].getMessage()
+    assert len(logged) == 2
+    for record in logged:
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], KeyError)
+        assert "finalize_event" in record.getMessage()
 
 
 async def test_on_exception_takes_the_error_and_the_trigger_returns_false(
     anyio_backend: str,
 ) -> None:
-    handled: list[BaseException] = []
+    handled: list[tuple[Any, ...]] = []
 
-    async def on_enter_running(self: Any) -> None:
+    async def on_enter_running(self: Any, *args: Any) -> None:
         await anyio.lowlevel.checkpoint()
         raise RuntimeError("enter failed")
 
     def handle(self: Any, *args: Any) -> None:
-        handled.append(sys.exc_info()[1] or RuntimeError("no current exception"))
+        handled.append(args)
 
     Worker = metered(on_exception=["handle"], handle=handle, on_enter_running=on_enter_running)
     w = Worker()
-    assert await w.start() is False
-    assert len(handled) == 1
+    assert await w.start(5) is False
+    assert handled == [(5,)]  # with the trigger's arguments
     assert w.state == "running"  # the state changed before the callback raised
-    errors = Worker.registry_.get_sample_value(
-        "worker_state_errors_total", {"trigger": "start", "error": "RuntimeError"}
-    )
-    assert errors == 1.0
+    # An invalid trigger goes to on_exception too, as in AsyncMachine.
+    assert await w.reset(6) is False
+    assert handled == [(5,), (6,)]
+    assert w.state == "running"
+    for trigger, error in (("start", "RuntimeError"), ("reset", "MachineError")):
+        counted = Worker.registry_.get_sample_value(
+            "worker_state_errors_total", {"trigger": trigger, "error": error}
+        )
+        assert counted == 1.0, (trigger, error)
 
 
 async def test_on_final_runs_when_a_final_state_is_entered(anyio_backend: str) -> None:
