@@ -40,7 +40,12 @@ class NotFound(Exception):
     pass
 
 
-@Fetch.task(labels=lambda url, delay: {"host": urlsplit(url).hostname})
+def host_of(url: str, delay: float) -> dict[str, object]:
+    """A call's label values, from its arguments."""
+    return {"host": urlsplit(url).hostname}
+
+
+@Fetch.task(labels=host_of)
 async def fetch(url: str, delay: float) -> int:
     """Download `url` (it takes `delay` seconds); return its size."""
     await anyio.sleep(delay)
@@ -62,7 +67,7 @@ async def caller(url: str, delay: float, patience: float, results: dict[str, int
 
 def outcomes() -> dict[str, float]:
     """Outcome counts, read back from the metrics."""
-    counts = {}
+    counts: dict[str, float] = {}
     for state, trigger in (("succeeded", "succeed"), ("failed", "fail"), ("cancelled", "cancel")):
         labels = {"from": "running", "to": state, "trigger": trigger}
         value = REGISTRY.get_sample_value("myapp_fetch_state_transitions_total", labels)
@@ -91,7 +96,7 @@ async def main(calls: int = 30, delay: float = 0.01) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--delay", type=float, default=0.1, help="seconds per call")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")

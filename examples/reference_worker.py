@@ -26,19 +26,17 @@ from functools import partial
 import anyio
 from prometheus_client import start_http_server
 
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, Trigger
 
 
 class Worker(MeteredMachine, namespace="myapp"):
     """Current state of the background worker"""
 
     states = ["idle", "running", "error"]
-    transitions = [
-        ["start", "idle", "running"],
-        ["finish", "running", "idle"],
-        ["fail", "running", "error"],
-        ["recover", "error", "idle"],
-    ]
+    start = Trigger("idle", "running")
+    finish = Trigger("running", "idle")
+    fail = Trigger("running", "error")
+    recover = Trigger("error", "idle")
 
 
 class JobFailed(Exception):
@@ -91,7 +89,7 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--jobs", type=int, default=None, help="stop after this many jobs")

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry
 
-from statemachine_metrics import MachineCollector, MachineError, MeteredMachine
+from statemachine_metrics import MachineCollector, MachineError, MeteredMachine, Trigger
 
 # A registry of its own, so that importing this module (as the tests do) never clashes
 # with other metrics; a service would use prometheus_client.REGISTRY.
@@ -41,14 +41,12 @@ class Connection(MeteredMachine, namespace="myapp", registry=None):
     """State of the upstream connection"""
 
     states = [{"name": state, "on_enter": "entered"} for state in STATES]
-    transitions = [
-        ["connect", "disconnected", "connecting"],
-        ["established", "connecting", "connected"],
-        ["give_up", "connecting", "failed"],
-        ["retry", "failed", "disconnected"],
-        ["heartbeat", "connected", "connected"],
-        ["drop", "connected", "disconnected"],
-    ]
+    connect = Trigger("disconnected", "connecting")
+    established = Trigger("connecting", "connected")
+    give_up = Trigger("connecting", "failed")
+    retry = Trigger("failed", "disconnected")
+    heartbeat = Trigger("connected", "connected")
+    drop = Trigger("connected", "disconnected")
     timeouts = {
         "connecting": (CONNECT_TIMEOUT, "give_up"),
         "failed": (BACKOFF, "retry"),
@@ -95,7 +93,7 @@ async def main(handshakes: Sequence[float] = (1.0, 1.0, 0.001), heartbeats: int 
         for seconds in handshakes:
             await conn.connect()
             await handshake(conn, seconds)
-            if conn.is_connected():
+            if conn.state == "connected":
                 break
             await conn.wait_for("disconnected")  # give_up, then retry after BACKOFF
         for _ in range(heartbeats):
@@ -106,7 +104,7 @@ async def main(handshakes: Sequence[float] = (1.0, 1.0, 0.001), heartbeats: int 
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args()
     print(" -> ".join(anyio.run(main, backend=args.backend)))

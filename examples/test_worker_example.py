@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import pytest
 
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, Trigger
 from statemachine_metrics.testing import MachineMetrics, Recorder, record
 
 # -- the code under test (in an application, it lives in its own package) ----------------
@@ -30,12 +30,10 @@ class Worker(MeteredMachine, namespace="example", labelnames=("worker",), regist
     """Current state of a pool worker"""
 
     states = ["idle", "running", "error"]
-    transitions = [
-        ["start", "idle", "running"],
-        ["finish", "running", "idle"],
-        ["fail", ["idle", "running"], "error"],
-        ["reset", "error", "idle"],
-    ]
+    start = Trigger("idle", "running")
+    finish = Trigger("running", "idle")
+    fail = Trigger(["idle", "running"], "error")
+    reset = Trigger("error", "idle")
 
 
 async def process(worker: Worker, job: Job) -> None:

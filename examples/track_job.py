@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
-from statemachine_metrics import MachineCollector, MeteredMachine
+from statemachine_metrics import MachineCollector, MeteredMachine, Trigger
 
 # A registry of its own, so that importing this module (as the tests do) never clashes
 # with other metrics; a service would use prometheus_client.REGISTRY.
@@ -30,13 +30,11 @@ class Worker(MeteredMachine, namespace="myapp", labelnames=("worker",), registry
     """Current state of the background worker"""
 
     states = ["idle", "running", "error"]
-    transitions = [
-        ["start", "idle", "running"],
-        ["finish", "running", "idle"],
-        ["fail", "running", "error"],
-        ["abandon", "running", "idle"],
-        ["reset", "error", "idle"],
-    ]
+    start = Trigger("idle", "running")
+    finish = Trigger("running", "idle")
+    fail = Trigger("running", "error")
+    abandon = Trigger("running", "idle")
+    reset = Trigger("error", "idle")
 
 
 REGISTRY.register(MachineCollector(Worker))
@@ -81,7 +79,7 @@ async def main(jobs: int = 10, workers: int = 2, pause: float = 0.01) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pause", type=float, default=0.2, help="seconds per job")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import trio
 from prometheus_client import start_http_server
 
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, Trigger
 
 log = logging.getLogger("trio_worker")
 
@@ -31,12 +31,10 @@ class Connection(MeteredMachine, namespace="myapp", labelnames=("peer",)):
     """State of each connection to an upstream peer"""
 
     states = ["disconnected", "connecting", "connected", "closed"]
-    transitions = [
-        ["dial", "disconnected", "connecting"],
-        ["established", "connecting", "connected"],
-        ["lost", ["connecting", "connected"], "disconnected"],
-        ["close", "*", "closed"],
-    ]
+    dial = Trigger("disconnected", "connecting")
+    established = Trigger("connecting", "connected")
+    lost = Trigger(["connecting", "connected"], "disconnected")
+    close = Trigger("*", "closed")
 
     # Callbacks may be plain functions or coroutines; these log each change.
     def on_enter_connected(self) -> None:
@@ -103,7 +101,7 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--sessions", type=int, default=None, help="sessions per peer")

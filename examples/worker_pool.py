@@ -22,20 +22,18 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from prometheus_client import start_http_server
 
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, Trigger
 
 
 class PoolWorker(MeteredMachine, namespace="myapp", labelnames=("worker",)):
     """State of each worker of the pool"""
 
     states = ["waiting", "busy", "backoff", "stopped"]
-    transitions = [
-        ["take", "waiting", "busy"],
-        ["done", "busy", "waiting"],
-        ["fail", "busy", "backoff"],
-        ["retry", "backoff", "waiting"],
-        ["stop", "waiting", "stopped"],
-    ]
+    take = Trigger("waiting", "busy")
+    done = Trigger("busy", "waiting")
+    fail = Trigger("busy", "backoff")
+    retry = Trigger("backoff", "waiting")
+    stop = Trigger("waiting", "stopped")
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def made_up_jobs(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=4)
