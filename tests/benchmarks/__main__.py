@@ -6,7 +6,7 @@ import importlib
 import platform
 import sys
 
-SUITES = ["enum", "transition", "create", "scrape", "pool", "nesting"]
+SUITES = ["enum", "transition", "create", "scrape", "pool", "nesting", "scale", "multiprocess"]
 
 
 def main(argv: list[str]) -> None:
