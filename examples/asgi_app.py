@@ -21,7 +21,7 @@ import argparse
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from statemachine_metrics import MeteredMachine, make_asgi_app
+from statemachine_metrics import MeteredMachine, Trigger, make_asgi_app
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,11 +33,9 @@ class Request(MeteredMachine, namespace="myapp"):
     """State of the HTTP requests being served"""
 
     states = ["received", "handling", "done", "failed"]
-    transitions = [
-        ["handle", "received", "handling"],
-        ["finish", "handling", "done"],
-        ["fail", "handling", "failed"],
-    ]
+    handle = Trigger("received", "handling")
+    finish = Trigger("handling", "done")
+    fail = Trigger("handling", "failed")
 
 
 metrics_app = make_asgi_app()  # serves prometheus_client's default REGISTRY
@@ -92,7 +90,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
