@@ -23,7 +23,7 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
-from statemachine_metrics import MeteredMachine, TransitionEvent
+from statemachine_metrics import MeteredMachine, TransitionEvent, Trigger
 
 # A registry of its own, so that importing this module never clashes with other metrics.
 REGISTRY = CollectorRegistry()
@@ -33,12 +33,10 @@ class Order(MeteredMachine, namespace="shop", labelnames=("order",), registry=RE
     """State of an order"""
 
     states = ["placed", "paid", "shipped", "cancelled"]
-    transitions = [
-        ["pay", "placed", "paid"],
-        ["ship", "paid", "shipped"],
-        ["cancel", ["placed", "paid"], "cancelled"],
-        {"trigger": "note", "source": "*", "dest": None},  # internal: stays where it is
-    ]
+    pay = Trigger("placed", "paid")
+    ship = Trigger("paid", "shipped")
+    cancel = Trigger(["placed", "paid"], "cancelled")
+    note = Trigger("*", None)  # internal: stays where it is
 
 
 class AuditLog:

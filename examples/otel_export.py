@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
-from statemachine_metrics import MeteredMachine, otel
+from statemachine_metrics import MeteredMachine, Trigger, otel
 
 # A registry of its own, so that importing this module never clashes with other metrics;
 # the Prometheus metrics work alongside the OpenTelemetry ones.
@@ -41,12 +41,10 @@ class Download(MeteredMachine, namespace="shop", labelnames=("worker",), registr
     """State of a download worker"""
 
     states = ["idle", "downloading", "failed"]
-    transitions = [
-        ["fetch", "idle", "downloading"],
-        ["done", "downloading", "idle"],
-        ["fail", "downloading", "failed"],
-        ["retry", "failed", "idle"],
-    ]
+    fetch = Trigger("idle", "downloading")
+    done = Trigger("downloading", "idle")
+    fail = Trigger("downloading", "failed")
+    retry = Trigger("failed", "idle")
 
 
 def setup(endpoint: str, export_interval: float = 1.0) -> tuple[TracerProvider, MeterProvider]:

@@ -78,6 +78,9 @@ class _Call:
         self.dest: str | None = None
 
 
+# Importing this module means OpenTelemetry is in use: transition samples get exemplars.
+_engine.use_opentelemetry_exemplars()
+
 # The innermost instrumented trigger call of the current task: a listener runs in the task
 # (and context) of the trigger that ran the transition, so it finds the call here.
 _current: ContextVar[_Call | None] = ContextVar("statemachine_metrics_otel_call", default=None)
