@@ -23,21 +23,23 @@ from multiprocessing.synchronize import Event
 
 import anyio
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import (
+    MultiProcessCollector,
+    # prometheus_client leaves its parameters unannotated.
+    mark_process_dead,  # pyright: ignore[reportUnknownVariableType]
+)
 
-from statemachine_metrics import MeteredMachine
+from statemachine_metrics import MeteredMachine, Trigger
 
 
 class Connection(MeteredMachine, namespace="example", labelnames=("conn",)):
     """State of a pooled connection"""
 
     states = ["idle", "busy", "broken"]
-    transitions = [
-        ["acquire", "idle", "busy"],
-        ["release", "busy", "idle"],
-        ["fail", "busy", "broken"],
-        ["repair", "broken", "idle"],
-    ]
+    acquire = Trigger("idle", "busy")
+    release = Trigger("busy", "idle")
+    fail = Trigger("busy", "broken")
+    repair = Trigger("broken", "idle")
     duration_buckets = (0.001, 0.01, 0.1)
 
 
@@ -68,7 +70,7 @@ def work(number: int, ready: Event, stop: Event) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--serve", type=int, metavar="PORT", help="serve on this port")
     args = parser.parse_args()
