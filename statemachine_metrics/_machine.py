@@ -11,14 +11,14 @@ import difflib
 import enum
 import inspect
 import itertools
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import anyio
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from . import _diagram, _engine, _ops, _tasks, _trigger
-from ._collector import MachineCollector, remember
+from ._collector import MachineCollector, all_families, remember
 from ._definition import Definition, TransitionSpec, metric_for
 from ._engine import Callback, Condition, Dispatch, Hooks, Step
 from ._enum import Enum
@@ -108,6 +108,10 @@ def _name_clash(cls: type[MeteredMachine], registry: CollectorRegistry) -> str:
             owners = getattr(collector, "_families", None)
             described = ", ".join(f"{f.owner} (module {f.module})" for f in owners or ())
             holders.append(described or type(collector).__name__)
+    for other in all_families():
+        if other is not family and not names.isdisjoint(other.exposed_names):
+            holders.append(f"{other.owner} (module {other.module})")
+    holders = list(dict.fromkeys(holders))
     where = f"; they belong to {', '.join(holders)}" if holders else ""
     return (
         f"{cls.__qualname__}: its metric names are taken in its registry ({family.name!r} and "
@@ -123,8 +127,15 @@ def _register(cls: type[MeteredMachine], family: Family, registry: CollectorRegi
     including those created later) exports it already: never twice."""
     collectors = list(registry._collector_to_names)
     if any(isinstance(c, MachineCollector) and c._families is None for c in collectors):
-        # Still refuse names that another collector there has taken.
-        if any(name in registry._names_to_collectors for name in family.exposed_names):
+        # Still refuse names taken there: by another collector, or by another class that
+        # collector exports.
+        names = family.exposed_names
+        taken = any(name in registry._names_to_collectors for name in names) or any(
+            not names.isdisjoint(other.exposed_names)
+            for other in all_families()
+            if other is not family
+        )
+        if taken:
             raise ValueError(_name_clash(cls, registry))
         return
     try:
@@ -286,6 +297,13 @@ class MeteredMachine:
                 family.module = cls.__module__
             else:
                 family = cls._family
+                for attribute in ("duration_buckets", "trigger_buckets"):
+                    if attribute in cls.__dict__:
+                        raise ValueError(
+                            f"{owner}.{attribute}: {owner} shares the metrics of its parent, "
+                            "whose buckets it keeps; declare states (or a class keyword such "
+                            "as name=) to give it metrics of its own"
+                        )
         cls._family = family
         _compile(cls, definition)
         _tasks.check_timeouts(cls)
@@ -798,8 +816,8 @@ def _trigger_method(
     return method
 
 
-class _Maybe:
-    """What ``may_<trigger>()`` returns: awaitable once, and never true unawaited."""
+class _Maybe(Coroutine[Any, Any, bool]):
+    """What ``may_<trigger>()`` returns: a coroutine that is never true unawaited."""
 
     __slots__ = ("_coroutine", "_name")
 
@@ -809,6 +827,15 @@ class _Maybe:
 
     def __await__(self) -> Generator[Any, None, bool]:
         return self._coroutine.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coroutine.throw(*args)
+
+    def close(self) -> None:
+        self._coroutine.close()
 
     def __bool__(self) -> bool:
         self._coroutine.close()
@@ -820,11 +847,11 @@ class _Maybe:
 
 def _may_method(
     cls: type[MeteredMachine], trigger: str, dispatch: Dispatch
-) -> Callable[..., Awaitable[bool]]:
+) -> Callable[..., Coroutine[Any, Any, bool]]:
     may = _engine.may
     name = f"may_{trigger}"
 
-    def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> Awaitable[bool]:
+    def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, bool]:
         return _Maybe(may(self, dispatch, args, kwargs), name)
 
     method.__name__ = name

@@ -19,7 +19,7 @@ import anyio.lowlevel
 import pytest
 from prometheus_client import CollectorRegistry
 
-from statemachine_metrics import EventData, MachineError, MeteredMachine
+from statemachine_metrics import EventData, MachineCollector, MachineError, MeteredMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -202,6 +202,18 @@ def test_two_classes_with_one_name_in_one_registry() -> None:
     # The suggested ways out work.
     metered("Worker", module="app.second", registry=registry, namespace="second")
     metered("Worker", module="app.second", registry=None)
+
+
+def test_a_clash_in_a_registry_that_exports_every_class() -> None:
+    # A registry whose MachineCollector() exports every class: the second class with one
+    # name in it would be dropped from the exposition, so it must fail at creation.
+    registry = CollectorRegistry()
+    registry.register(MachineCollector())
+    first = metered("Worker", module="app.first", registry=registry, name="every_class_clash_state")
+    with pytest.raises(ValueError, match=r"^Worker: its metric names are taken") as excinfo:
+        metered("Worker", module="app.second", registry=registry, name="every_class_clash_state")
+    assert_clash_message(str(excinfo.value), "Worker", "app.first", "app.second")
+    assert first.metric_names()  # alive until here: a collected class no longer clashes
 
 
 def test_a_reloaded_module_gets_the_clash_message(

@@ -364,6 +364,12 @@ def test_bad_trigger_buckets_fail_at_class_creation(buckets: Any) -> None:
         metered(trigger_buckets=buckets)
 
 
+def test_bad_trigger_buckets_on_a_subclass_fail_at_its_creation() -> None:
+    Worker = metered()
+    with pytest.raises(ValueError, match=r"^Child\.trigger_buckets\b"):
+        type("Child", (Worker,), {"trigger_buckets": [0.2, 0.1]})
+
+
 # -- exemplars -----------------------------------------------------------------------------
 
 EXEMPLAR = re.compile(r' # \{trace_id="([0-9a-f]{32})"\} (\S+)')
