@@ -95,7 +95,7 @@ def instrument(
 
     Covers the classes and their subclasses, including subclasses created later; with no
     classes, every machine class, including those created later. Returns an
-    `Instrumentation`, whose `~Instrumentation.uninstrument` undoes all of it (it is also
+    `Instrumentation`, whose `Instrumentation.uninstrument` undoes all of it (it is also
     a context manager that does so at the end of its block).
 
     Args:
@@ -173,7 +173,8 @@ def _class_created(cls: type[MeteredMachine]) -> None:
 
 
 class Instrumentation:
-    """What `instrument` returns: `uninstrument` removes every span, listener and report."""
+    """What `instrument` returns (made by it, not directly): `uninstrument` removes every
+    span, listener and report."""
 
     def __init__(
         self,
