@@ -22,9 +22,10 @@ value it made for the life of the process. So the Enum series are kept in a file
 own, `LiveFile`, with the name and format prometheus_client gives a ``liveall`` gauge
 (``gauge_liveall_<pid>.db``): `MultiProcessCollector` reads it (one series per live process,
 with a ``pid`` label) and `mark_process_dead` deletes it, with nothing for users to add. As
-we alone write it, we can forget a label set: its entries are zeroed at once, and the file
-is rewritten without them (a new file renamed over the old one, so that a concurrent scrape
-reads the old file or the new, whole) as soon as they make up half of it.
+we alone write it, we can forget a label set: its entries are zeroed at once (the series
+shows no state), and the file is rewritten without them (a new file renamed over the old
+one, so that a concurrent scrape reads the old file or the new, whole) once dead entries
+make up half of the file and 16 KiB.
 
 Every write, ours and prometheus_client's value writes on our behalf, happens under one
 process-wide lock, `_lock`, which a fork waits for: a child never inherits a half-done
@@ -164,6 +165,7 @@ _INT = struct.Struct("i")
 _DOUBLE = struct.Struct("d")
 _TWO_DOUBLES = struct.Struct("dd")
 _MIN_CAPACITY = 1 << 16
+_DEAD_SLACK = 1 << 14
 _PACKED = {0.0: _DOUBLE.pack(0.0), 1.0: _DOUBLE.pack(1.0)}
 
 
@@ -248,10 +250,11 @@ class LiveFile:
         for i, value in enumerate(group.values):
             if value:
                 self.set(group, i, 0.0)
-        # Dead entries stay listed (at 0) until the file is rewritten: at once while the
-        # file is small, else once they make up half of it, which keeps a rewrite's cost
-        # at a constant amortized share of each removal.
-        if self.dead_bytes >= self.live_bytes or self.used <= _MIN_CAPACITY:
+        # Dead entries stay listed (at 0) until the file is rewritten, once they make up
+        # half of it and at least `_DEAD_SLACK` bytes: a rewrite costs a rename (over a
+        # millisecond on ext4, which flushes a file renamed over another), so it must
+        # come at a constant amortized share of each removal.
+        if self.dead_bytes >= max(self.live_bytes, _DEAD_SLACK):
             self.rewrite()
 
     # -- the file -----------------------------------------------------------------------
