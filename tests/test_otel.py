@@ -6,7 +6,9 @@ each test makes its own machine classes (in registries of their own) and provide
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -313,6 +315,30 @@ async def test_a_trigger_from_a_callback_is_a_child_span(
 
 
 @pytest.mark.anyio
+async def test_a_queued_trigger_span_ends_when_it_is_queued(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    async def on_enter_running(self: Any) -> None:
+        assert await self.finish() is True  # queued: runs once `start` is through
+        assert self.state == "running"
+
+    Worker = metered(on_enter_running=on_enter_running, queued=True)
+    with telemetry.instrument(Worker):
+        w = Worker()
+        await w.start()
+        assert w.state == "idle"
+        counted = telemetry.points("statemachine.transitions")
+    finish = attributes(telemetry.span("Worker finish"))
+    assert finish["statemachine.result"] is True
+    assert finish["statemachine.source"] == "running"
+    assert "statemachine.dest" not in finish
+    start = attributes(telemetry.span("Worker start"))
+    assert (start["statemachine.source"], start["statemachine.dest"]) == ("idle", "running")
+    # The queued transition ran, and counts.
+    assert counted[key(**{"class": "Worker"}, source="running", dest="idle", trigger="finish")]
+
+
+@pytest.mark.anyio
 async def test_track_and_timeouts_are_traced(anyio_backend: str, telemetry: Telemetry) -> None:
     Worker = metered(timeouts={"running": (0.01, "fail")})
     failed = anyio.Event()
@@ -588,6 +614,24 @@ def test_a_class_is_instrumented_once_at_a_time(telemetry: Telemetry) -> None:
         pytest.raises(ValueError, match="every machine class is instrumented already"),
     ):
         telemetry.instrument(Other)
+
+
+def test_an_instrumented_class_can_be_garbage_collected(telemetry: Telemetry) -> None:
+    def make() -> weakref.ref[Any]:
+        Worker = metered()
+        Sub = type("Sub", (Worker,), {})
+        anyio.run(Sub().start)
+        return weakref.ref(Worker)
+
+    with telemetry.instrument():
+        dead = make()
+        gc.collect()
+        assert dead() is None
+    with telemetry.instrument(metered("Kept")) as instrumentation:
+        dead = make()  # not covered by this one
+        gc.collect()
+        assert dead() is None
+    assert not instrumentation.active
 
 
 def test_instrument_takes_machine_classes() -> None:
