@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import re
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -639,3 +641,17 @@ def test_instrument_takes_machine_classes() -> None:
         otel.instrument(metered(), int)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="MeteredMachine classes"):
         otel.instrument(metered()())
+
+
+def test_only_otel_imports_opentelemetry_and_only_its_api() -> None:
+    code = (
+        "import sys\n"
+        "import statemachine_metrics, statemachine_metrics.testing\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'core'\n"
+        "import statemachine_metrics.otel\n"
+        "loaded = [m for m in sys.modules if m.startswith('opentelemetry.')]\n"
+        "assert loaded\n"
+        "assert not [m for m in loaded if m.startswith('opentelemetry.sdk')], loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
