@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs demo bench clean
+.PHONY: lowest test lint typecheck typecheck-examples pytest docs demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: lint typecheck pytest docs
+test: lint typecheck typecheck-examples pytest docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -24,6 +24,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
+
+# examples/ and the docs' python blocks under mypy --strict (with the plugin) and pyright strict.
+typecheck-examples: $(STAMP)
+	$(BIN)/python tests/typing/check.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
@@ -42,7 +46,19 @@ demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/python examples/demo.py --port $(PORT)
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m tests.benchmarks
 
+# The lowest versions pyproject.toml declares, in a venv of their own, against the tests
+# of the metric, the machine, the collector and multiprocess mode.
+LOWEST := .venv-lowest
+lowest:
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet -e . $$($(PYTHON) .ci/lowest_pins.py) \
+		pytest hypothesis
+	$(LOWEST)/bin/python -m pytest -q tests/test_enum.py tests/test_machine.py \
+		tests/test_collector.py tests/test_multiprocess.py tests/test_multiprocess_storage.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis site
+	rm -rf $(VENV) $(DEMO_VENV) $(LOWEST) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis site

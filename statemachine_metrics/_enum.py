@@ -273,11 +273,12 @@ class Enum(MetricWrapperBase):
 
         In multiprocess mode the series leave this process's value file too.
         """
+        if not self._labelnames:
+            return  # a no-op, as in prometheus_client (before 0.26 it raised AttributeError)
         if self._files is None:
             super().clear()
             return
-        if self._labelnames:
-            self._forget(lambda k: True)
+        self._forget(lambda k: True)
 
     def _forget(self, match: Callable[[tuple[str, ...]], bool]) -> None:
         """Multiprocess mode: drop the matching children and their series in the file.
