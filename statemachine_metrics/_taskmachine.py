@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 import anyio
 
 from ._machine import MeteredMachine
-from ._tasks import P, T, _Decorator, _fire, _settle, enter, exit
+from ._tasks import P, T, _close, _Decorator, _fire, _now, _plan, _settle, enter, exit
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -165,26 +165,39 @@ class TaskMachine(MeteredMachine, abstract=True):
             raise TypeError(f"@{owner}.task: labels must be a function, got {labels!r}")
         start, succeed, fail, cancel = (cls._triggers[n] for n in _TASK_TRIGGERS)
         final = cls.final_states
+        # Only a class with timeouts has timers to start: the others skip enter and exit.
+        timed = bool(_plan(cls))
 
+        # Each trigger fires at once when the engine would (`_now`: its turn is free, the
+        # step has no callbacks), and the machine closes at once when its turn is free;
+        # otherwise, the awaited path (`_fire`, `_settle`, `aclose`) keeps every guarantee.
         @functools.wraps(func)
         async def call(*args: P.args, **kwargs: P.kwargs) -> T:
             machine = cls(labels=None if labels is None else labels(*args, **kwargs))
             running = _running.set((*_running.get(), machine))
             try:
-                await enter(machine)
+                if timed:
+                    await enter(machine)
                 try:
-                    await _fire(machine, start)
+                    if not _now(machine, start):
+                        await _fire(machine, start)
                     result = await func(*args, **kwargs)
                 except BaseException as failure:
                     await _settle(machine, failure, succeed, fail, cancel, final)
                     raise
                 else:
-                    await _settle(machine, None, succeed, fail, cancel, final)
+                    # No outcome when the body moved the machine to a final state itself.
+                    if machine._owner is not None or (
+                        machine._state not in final and not _now(machine, succeed)
+                    ):
+                        await _settle(machine, None, succeed, fail, cancel, final)
                     return result
                 finally:
-                    await exit(machine)
-                    with anyio.CancelScope(shield=True):
-                        await machine.aclose()
+                    if timed:
+                        await exit(machine)
+                    if not _close(machine):
+                        with anyio.CancelScope(shield=True):
+                            await machine.aclose()
             finally:
                 _running.reset(running)
 

@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import sys
+import time
 import weakref
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from numbers import Real
@@ -32,7 +33,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from . import _engine
-from ._engine import Dispatch
+from ._engine import Dispatch, change_state
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -75,6 +76,40 @@ def _resolve(cls: type[MeteredMachine], name: object, where: str, role: str = ""
 
 
 _NO_ARGS: tuple[Any, ...] = ()
+_perf_counter = time.perf_counter
+
+
+def _now(machine: MeteredMachine, trigger: _Trigger) -> bool:
+    """Fire `trigger` synchronously when the engine would change the state without
+    awaiting anything (its fast path): the turn is free, the machine is open, the trigger
+    has no machine-level hooks and is not instrumented, and its one step from the current
+    state has no callbacks. True if it fired; False, having done nothing, otherwise (the
+    caller then takes the awaited path, which also raises what there is to raise).
+
+    Nothing is awaited, so nothing can come between, and there is no cancellation point.
+    """
+    if (
+        machine._owner is None
+        and machine._series is not None
+        and trigger.hooks is None
+        and trigger.fire is _engine.fire
+    ):
+        steps = trigger.steps.get(machine._state)
+        if steps is not None:
+            step = steps[0]
+            if step.bare:
+                change_state(machine, step, _perf_counter())
+                return True
+    return False
+
+
+def _close(machine: MeteredMachine) -> bool:
+    """Close the machine at once when its turn is free (`MeteredMachine.aclose` would
+    not wait); True if it is closed, False when a transition holds the turn."""
+    if machine._owner is None:
+        machine._end()
+        return True
+    return False
 
 
 async def _fire(machine: MeteredMachine, trigger: _Trigger, final: Collection[str] = ()) -> bool:
@@ -223,6 +258,8 @@ class Track:
 
     async def __aenter__(self) -> None:
         machine = self._machine
+        if _now(machine, self._enter):
+            return
         state = machine._state
         try:
             await _fire(machine, self._enter)
@@ -239,6 +276,8 @@ class Track:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is None and _now(self._machine, self._success):
+            return
         await _settle(self._machine, exc, self._success, self._error, self._cancel, _NONE)
 
     def __call__(
@@ -252,10 +291,23 @@ class Track:
                 f"(async def), not {func!r}; for other code use 'async with'"
             )
 
+        machine, enter, success = self._machine, self._enter, self._success
+        error, cancel = self._error, self._cancel
+
+        # What ``async with self`` does, without its frames where the triggers can fire
+        # at once (`_now`); anything else takes the awaited path of `__aenter__`/`_settle`.
         @functools.wraps(func)
         async def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
-            async with self:
-                return await func(*args, **kwargs)
+            if not _now(machine, enter):
+                await self.__aenter__()
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as failure:
+                await _settle(machine, failure, success, error, cancel, _NONE)
+                raise
+            if not _now(machine, success):
+                await _settle(machine, None, success, error, cancel, _NONE)
+            return result
 
         return tracked
 

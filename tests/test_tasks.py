@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -13,6 +14,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from statemachine_metrics import MachineError, MeteredMachine, TaskMachine
@@ -1024,3 +1027,376 @@ async def test_machine_without_timeouts_starts_no_timer() -> None:
         assert worker._timers is None
         await worker.start()
     assert worker.closed
+
+
+# -- triggers fired and machines closed at once, and when they wait ----------------------
+
+
+async def held(self: Any, gate: anyio.Event, entered: anyio.Event) -> None:
+    """The `after` callback of `hold`: the trigger keeps the machine's turn until `gate`."""
+    entered.set()
+    await gate.wait()
+
+
+HOLD = {"trigger": "hold", "source": "*", "dest": None, "after": "held"}
+
+
+def holding_task_class() -> tuple[Any, CollectorRegistry]:
+    """A TaskMachine whose task triggers have no callbacks, plus ``hold(gate, entered)``,
+    an internal trigger from every state that holds the turn until `gate` is set."""
+    return task_class(
+        members={
+            "states": TaskMachine.states,
+            "transitions": [*TaskMachine.transitions, HOLD],
+            "held": held,
+        }
+    )
+
+
+def plain_worker_class() -> tuple[Any, CollectorRegistry]:
+    """A Worker without callbacks on its own triggers, plus ``hold`` as above."""
+    registry = CollectorRegistry()
+    namespace = {
+        "states": ["idle", "running", "error"],
+        "transitions": [*WORKER_TRANSITIONS, HOLD],
+        "held": held,
+    }
+    cls = type(MeteredMachine)("Worker", (MeteredMachine,), namespace, registry=registry)
+    return cls, registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def triggers_seen(cls: Any) -> list[str]:
+    seen: list[str] = []
+    cls.add_listener(lambda event: seen.append(event.trigger))
+    return seen
+
+
+async def test_task_without_callbacks_keeps_every_metric_and_listener() -> None:
+    cls, registry = task_class()
+    events = []
+    cls.add_listener(lambda event: events.append((event.trigger, event.source, event.dest)))
+    machines = []
+
+    @cls.task
+    async def job(n: int) -> int:
+        machines.append(cls.current())
+        return n
+
+    assert [await job(n) for n in range(3)] == [0, 1, 2]
+    assert events == [("start", "pending", "running"), ("succeed", "running", "succeeded")] * 3
+    assert all(machine.closed for machine in machines)
+    assert task_moves(registry) == {"pending>running": 3, "running>succeeded": 3}
+    assert set(task_counts(registry).values()) == {0}
+    for state in ("pending", "running"):
+        assert sample(registry, "fetch_state_duration_seconds_count", fetch_state=state) == 3
+    for trigger in ("start", "succeed"):
+        assert sample(registry, "fetch_state_trigger_duration_seconds_count", trigger=trigger) == 3
+
+
+async def test_track_without_callbacks_keeps_every_metric_and_listener() -> None:
+    cls, registry = plain_worker_class()
+    worker = cls()
+    seen = triggers_seen(cls)
+
+    @worker.track(enter="start", success="finish", error="fail")
+    async def job() -> str:
+        assert worker.state == "running"
+        return "done"
+
+    assert await job() == "done"
+    async with worker.track(enter="start", success="finish"):
+        assert worker.state == "running"
+    assert seen == ["start", "finish"] * 2
+    assert worker.state == "idle"
+    assert counted(registry, "idle", "running", "start") == 2
+    assert counted(registry, "running", "idle", "finish") == 2
+    assert sample(registry, "worker_state_duration_seconds_count", worker_state="running") == 2
+    assert sample(registry, "worker_state_trigger_duration_seconds_count", trigger="finish") == 2
+
+
+async def test_task_outcome_waits_for_a_transition_holding_the_turn() -> None:
+    cls, registry = holding_task_class()
+    seen = triggers_seen(cls)
+    gate, entered = anyio.Event(), anyio.Event()
+    results: list[str] = []
+
+    @cls.task
+    async def job(group: Any) -> str:
+        group.start_soon(cls.current().hold, gate, entered)
+        await entered.wait()
+        return "done"
+
+    async def call(group: Any) -> None:
+        results.append(await job(group))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, group)
+        await anyio.wait_all_tasks_blocked()
+        assert results == []  # `succeed` waits for the turn `hold` holds
+        assert task_counts(registry)["running"] == 1
+        gate.set()
+    assert results == ["done"]
+    assert seen == ["start", "hold", "succeed"]
+    moves = {"pending>running": 1, "running>running": 1, "running>succeeded": 1}
+    assert task_moves(registry) == moves
+    assert set(task_counts(registry).values()) == {0}
+
+
+async def test_task_closing_waits_for_a_trigger_queued_behind_the_outcome() -> None:
+    cls, registry = holding_task_class()
+    seen = triggers_seen(cls)
+    first, second, entered = anyio.Event(), anyio.Event(), anyio.Event()
+    machines: list[Any] = []
+    results: list[str] = []
+
+    @cls.task
+    async def job(group: Any) -> str:
+        machines.append(cls.current())
+        group.start_soon(cls.current().hold, first, entered)
+        await entered.wait()
+        return "done"
+
+    async def call(group: Any) -> None:
+        results.append(await job(group))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, group)
+        await anyio.wait_all_tasks_blocked()  # `succeed` waits for the first hold
+        [machine] = machines
+        group.start_soon(machine.hold, second, anyio.Event())  # queued behind `succeed`
+        await anyio.wait_all_tasks_blocked()
+        first.set()
+        await anyio.wait_all_tasks_blocked()
+        # `succeed` ran and handed the turn to the second hold: closing waits for it.
+        assert machine.state == "succeeded"
+        assert not machine.closed
+        assert results == []
+        second.set()
+    assert machine.closed
+    assert results == ["done"]
+    assert seen == ["start", "hold", "succeed", "hold"]
+    assert set(task_counts(registry).values()) == {0}
+
+
+async def test_task_cancelled_while_the_outcome_waits_for_its_turn_records_the_cancel() -> None:
+    cls, registry = holding_task_class()
+    seen = triggers_seen(cls)
+    gate, entered = anyio.Event(), anyio.Event()
+    scopes: list[anyio.CancelScope] = []
+
+    @cls.task
+    async def job(group: Any) -> str:
+        group.start_soon(cls.current().hold, gate, entered)
+        await entered.wait()
+        return "done"
+
+    async def call(group: Any) -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await job(group)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, group)
+        await anyio.wait_all_tasks_blocked()
+        [scope] = scopes
+        scope.cancel()  # while `succeed` waits: the caller sees a cancellation
+        await anyio.wait_all_tasks_blocked()  # `cancel` waits for the turn, shielded
+        assert task_counts(registry)["running"] == 1
+        gate.set()
+    assert scope.cancelled_caught
+    assert seen == ["start", "hold", "cancel"]
+    moves = {"pending>running": 1, "running>running": 1, "running>cancelled": 1}
+    assert task_moves(registry) == moves
+    assert set(task_counts(registry).values()) == {0}
+
+
+@pytest.mark.parametrize("form", ["decorator", "async with"])
+async def test_track_cancelled_while_success_waits_for_its_turn_records_the_cancel(
+    form: str,
+) -> None:
+    cls, registry = plain_worker_class()
+    worker = cls()
+    seen = triggers_seen(cls)
+    gate, entered = anyio.Event(), anyio.Event()
+    scopes: list[anyio.CancelScope] = []
+    tracked = worker.track("start", "finish", error="fail", cancel="abort")
+
+    async def body(group: Any) -> None:
+        group.start_soon(worker.hold, gate, entered)
+        await entered.wait()
+
+    async def call(group: Any) -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            if form == "decorator":
+                await tracked(body)(group)
+            else:
+                async with tracked:
+                    await body(group)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, group)
+        await anyio.wait_all_tasks_blocked()
+        [scope] = scopes
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert worker.state == "running"
+        gate.set()
+    assert scope.cancelled_caught
+    assert seen == ["start", "hold", "abort"]
+    assert counted(registry, "running", "idle", "abort") == 1
+
+
+@pytest.mark.parametrize("form", ["decorator", "async with"])
+async def test_track_enter_waits_for_a_transition_holding_the_turn(form: str) -> None:
+    cls, _ = plain_worker_class()
+    worker = cls()
+    seen = triggers_seen(cls)
+    gate, entered = anyio.Event(), anyio.Event()
+    ran: list[str] = []
+    tracked = worker.track("start", "finish")
+
+    async def body() -> None:
+        ran.append(worker.state)
+
+    async def call() -> None:
+        if form == "decorator":
+            await tracked(body)()
+        else:
+            async with tracked:
+                await body()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker.hold, gate, entered)
+        await entered.wait()
+        group.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        assert ran == []  # `start` waits for the turn
+        assert worker.state == "idle"
+        gate.set()
+    assert ran == ["running"]
+    assert seen == ["hold", "start", "finish"]
+
+
+async def test_task_outcome_with_callbacks_is_awaited() -> None:
+    async def on_enter_succeeded(self: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        entered.append(self.state)
+
+    entered: list[str] = []
+    cls, registry = task_class(members={"on_enter_succeeded": on_enter_succeeded})
+
+    @cls.task
+    async def job() -> str:
+        return "done"
+
+    assert await job() == "done"
+    assert entered == ["succeeded"]
+    assert task_moves(registry) == {"pending>running": 1, "running>succeeded": 1}
+
+
+async def test_task_with_timeouts_quick_calls_succeed_and_their_timers_stop() -> None:
+    cls, registry = task_class(members={"timeouts": {"running": (0.05, "fail")}})
+
+    @cls.task
+    async def quick(n: int) -> int:
+        timers = len(anyio.get_running_tasks())
+        await anyio.lowlevel.checkpoint()
+        return timers
+
+    outside = len(anyio.get_running_tasks())
+    assert [await quick(n) for n in range(3)] == [outside + 1] * 3  # one timer each
+    await anyio.sleep(0.08)
+    assert len(anyio.get_running_tasks()) == outside
+    assert task_moves(registry) == {"pending>running": 3, "running>succeeded": 3}
+
+
+OUTCOMES = ("return", "raise", "cancel", "fail itself")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(outcomes=st.lists(st.sampled_from(OUTCOMES), max_size=12), checkpoints=st.booleans())
+def test_concurrent_calls_leave_metrics_consistent(
+    anyio_backend: str, outcomes: list[str], checkpoints: bool
+) -> None:
+    """Calls of a task and of a tracked function, ending every way at once, side by side:
+    every machine ends where its call says, and every metric agrees."""
+    cls, registry = task_class()
+    worker_cls, worker_registry = plain_worker_class()
+    seen = triggers_seen(cls)
+    ends = {"return": "succeed", "raise": "fail", "cancel": "cancel", "fail itself": "fail"}
+
+    async def body(outcome: str, scope: anyio.CancelScope, machine: Any = None) -> None:
+        if checkpoints:
+            await anyio.lowlevel.checkpoint()
+        if outcome == "raise":
+            raise Boom
+        if outcome == "cancel":
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()
+        if outcome == "fail itself" and machine is not None:  # a task only
+            await machine.fail()
+
+    @cls.task
+    async def job(outcome: str, scope: anyio.CancelScope) -> None:
+        await body(outcome, scope, cls.current())
+
+    async def call(outcome: str) -> None:
+        worker = worker_cls()
+        tracked = worker.track("start", "finish", error="fail", cancel="abort")
+        with anyio.CancelScope() as scope:
+            with contextlib.suppress(Boom):
+                await job(outcome, scope)
+        with anyio.CancelScope() as scope:
+            with contextlib.suppress(Boom):
+                await tracked(body)(outcome, scope)
+        await worker.aclose()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for outcome in outcomes:
+                group.start_soon(call, outcome)
+
+    anyio.run(main, backend=anyio_backend)
+    total = len(outcomes)
+    assert sorted(seen) == sorted(["start"] * total + [ends[o] for o in outcomes])
+    assert set(task_counts(registry).values()) == {0}
+    moves = task_moves(registry)
+    assert moves.get("pending>running", 0) == total
+    for dest, outcome in (("succeeded", "return"), ("cancelled", "cancel")):
+        assert moves.get(f"running>{dest}", 0) == outcomes.count(outcome)
+    failed = outcomes.count("raise") + outcomes.count("fail itself")
+    assert moves.get("running>failed", 0) == failed
+    for state, count in (("pending", total), ("running", total)):
+        assert sample(registry, "fetch_state_duration_seconds_count", fetch_state=state) == count
+    assert sample(registry, "fetch_state_trigger_duration_seconds_count", trigger="start") == total
+    # Tracked: each worker went idle -> running, then back (finish, abort) or to error;
+    # its body does not fail the machine itself, it returns.
+    workers = {
+        (source, dest, trigger): sample(
+            worker_registry,
+            "worker_state_transitions_total",
+            **{"from": source, "to": dest, "trigger": trigger},
+        )
+        for source, dest, trigger in (
+            ("idle", "running", "start"),
+            ("running", "idle", "finish"),
+            ("running", "idle", "abort"),
+            ("running", "error", "fail"),
+        )
+    }
+    assert workers == {
+        ("idle", "running", "start"): total,
+        ("running", "idle", "finish"): outcomes.count("return") + outcomes.count("fail itself"),
+        ("running", "idle", "abort"): outcomes.count("cancel"),
+        ("running", "error", "fail"): outcomes.count("raise"),
+    }
+    for state in ("idle", "running", "error"):
+        assert sample(worker_registry, "worker_state_machines", worker_state=state) == 0
