@@ -13,14 +13,14 @@ state changes at once, with nothing awaited, so no other task can come between.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import sys
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from contextvars import ContextVar, Token
+from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
@@ -49,6 +49,7 @@ logger = logging.getLogger("statemachine_metrics")
 
 _MISSING: Any = object()
 _perf_counter = time.perf_counter
+
 
 class Callback:
     """A compiled callback: a fixed callable, or the name of an attribute of the machine."""
@@ -272,7 +273,7 @@ async def _callbacks(
             result is not None
             and result is not True
             and result is not False
-            and inspect.isawaitable(result)
+            and isawaitable(result)
         ):
             if turn is not None and turn.context is None:
                 _hold(turn)
@@ -294,7 +295,7 @@ async def _conditions(
             result is not None
             and result is not True
             and result is not False
-            and inspect.isawaitable(result)
+            and isawaitable(result)
         ):
             if turn is not None and turn.context is None:
                 _hold(turn)
@@ -453,6 +454,90 @@ def _notify(machine: MeteredMachine, step: Step, source: str, elapsed: float | N
 # -- a trigger -------------------------------------------------------------------------
 
 
+#: A transition in progress: a generator that yields each awaitable its callbacks return
+#: (and is sent its result), then yields its outcome, a bool. Sync callbacks never leave
+#: it, so a transition without async callbacks costs one generator and no coroutine.
+_Run = Generator[Any, Any, bool]
+
+_PLAIN = frozenset((type(None), bool))
+
+
+def run_steps(
+    machine: MeteredMachine,
+    steps: Sequence[Step],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    event: EventData | None = None,
+) -> _Run:
+    """Try the steps in order; the first whose conditions pass runs. True if one ran.
+
+    As transitions' `AsyncMachine`: prepare, conditions (all of them, no short cut),
+    before, exit, the state change, enter, after. With `event` (``send_event``),
+    callbacks get it alone instead of the trigger's arguments, and it follows the
+    transition as it goes.
+    """
+    if event is not None:
+        args, kwargs = (event,), {}
+    for step in steps:
+        if event is not None:
+            event.transition = step.info
+        for callback in step.prepare:
+            result = callback(machine, args, kwargs)
+            if type(result) not in _PLAIN and isawaitable(result):
+                yield result
+        if step.conditions:
+            passed = True
+            for condition in step.conditions:
+                result = condition.callback(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    result = yield result
+                if result != condition.target:
+                    passed = False
+            if not passed:
+                continue
+        for callback in step.before:
+            result = callback(machine, args, kwargs)
+            if type(result) not in _PLAIN and isawaitable(result):
+                yield result
+        if step.dest is not None:
+            for callback in step.exit:
+                result = callback(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    yield result
+        change_state(machine, step)
+        if step.dest is not None:
+            if event is not None:
+                hooks = type(machine)._hooks
+                assert hooks is not None
+                event.state = hooks.states[step.dest]
+            for callback in step.enter:
+                result = callback(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    yield result
+        for callback in step.after:
+            result = callback(machine, args, kwargs)
+            if type(result) not in _PLAIN and isawaitable(result):
+                yield result
+        yield True
+    yield False
+    return False  # never reached: the caller stops at the outcome
+
+
+async def finish(running: _Run, pending: Any, turn: Turn | None) -> bool:
+    """Await what the transition's callbacks return, resuming it each time, to its end."""
+    if turn is not None and turn.context is None:
+        _hold(turn)
+    while True:
+        try:
+            value = await pending
+        except BaseException as exc:
+            pending = running.throw(exc)
+        else:
+            pending = running.send(value)
+        if pending is True or pending is False:
+            return pending
+
+
 async def run(
     machine: MeteredMachine,
     steps: Sequence[Step],
@@ -461,38 +546,12 @@ async def run(
     turn: Turn | None,
     event: EventData | None = None,
 ) -> bool:
-    """Try the steps in order; the first whose conditions pass runs. True if one ran.
-
-    With `event` (``send_event``), callbacks get it alone instead of the trigger's
-    arguments, and it follows the transition as it goes.
-    """
-    if event is not None:
-        args, kwargs = (event,), {}
-    for step in steps:
-        if event is not None:
-            event.transition = step.info
-        if step.prepare:
-            await _callbacks(machine, step.prepare, args, kwargs, turn)
-        if step.conditions and not await _conditions(machine, step.conditions, args, kwargs, turn):
-            continue
-        if step.before:
-            await _callbacks(machine, step.before, args, kwargs, turn)
-        if step.dest is None:
-            change_state(machine, step)
-        else:
-            if step.exit:
-                await _callbacks(machine, step.exit, args, kwargs, turn)
-            change_state(machine, step)
-            if event is not None:
-                hooks = type(machine)._hooks
-                assert hooks is not None
-                event.state = hooks.states[step.dest]
-            if step.enter:
-                await _callbacks(machine, step.enter, args, kwargs, turn)
-        if step.after:
-            await _callbacks(machine, step.after, args, kwargs, turn)
-        return True
-    return False
+    """`run_steps` to its end (for the paths that are awaited anyway)."""
+    running = run_steps(machine, steps, args, kwargs, event)
+    pending = running.send(None)
+    if pending is True or pending is False:
+        return pending
+    return await finish(running, pending, turn)
 
 
 async def fire(
@@ -534,7 +593,21 @@ async def fire(
     try:
         if still is not None and not still():
             return False
-        result = await _run_checked(machine, dispatch, args, kwargs, turn)
+        if dispatch.hooks is not None:
+            result = await _run_hooked(machine, dispatch, dispatch.hooks, args, kwargs, turn)
+        else:
+            try:
+                steps = _steps(machine, dispatch)
+                if steps is None:
+                    result = False
+                else:
+                    running = run_steps(machine, steps, args, kwargs)
+                    result = running.send(None)
+                    if result is not True and result is not False:
+                        result = await finish(running, result, turn)
+            except Exception as exc:
+                dispatch.family.error(dispatch.name, exc)
+                raise
         if turn.queue:
             await _run_queue(machine, turn)
         return result
