@@ -14,18 +14,27 @@ metrics. docs/coming-from-transitions.md walks through the changes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, generate_latest
+from transitions.core import EventData as TransitionsEventData
 from transitions.extensions.asyncio import AsyncMachine
 
-from statemachine_metrics import MachineCollector, MeteredMachine, Trigger
+from statemachine_metrics import EventData, MachineCollector, MeteredMachine, Trigger
 
 # A registry of its own, so that importing this module (as the tests do) never clashes
 # with other metrics; a service would use prometheus_client.REGISTRY.
 REGISTRY = CollectorRegistry()
 
-STATES = ["idle", "running", "error", {"name": "retired", "final": True}]
-TRANSITIONS = [
+# Typed so that both AsyncMachine(states=..., transitions=...) and the class attributes
+# of MeteredMachine accept them.
+STATES: list[str | dict[str, str | bool]] = [
+    "idle",
+    "running",
+    "error",
+    {"name": "retired", "final": True},
+]
+TRANSITIONS: list[dict[str, str | list[str]]] = [
     {"trigger": "start", "source": "idle", "dest": "running", "conditions": "has_capacity"},
     {"trigger": "finish", "source": "running", "dest": "idle", "after": "count_job"},
     {"trigger": "fail", "source": "running", "dest": "error"},
@@ -36,6 +45,14 @@ TRANSITIONS = [
 
 class LegacyWorker:
     """Before: the model of a transitions `AsyncMachine`, built in __init__."""
+
+    # The machine adds the trigger methods to the model; declared for type checkers
+    # (annotations only, so nothing stops the machine from binding them).
+    start: Callable[..., Awaitable[bool]]
+    finish: Callable[..., Awaitable[bool]]
+    fail: Callable[..., Awaitable[bool]]
+    reset: Callable[..., Awaitable[bool]]
+    retire: Callable[..., Awaitable[bool]]
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -54,27 +71,27 @@ class LegacyWorker:
             send_event=True,
         )
 
-    def has_capacity(self, event: object) -> bool:
+    def has_capacity(self, event: TransitionsEventData) -> bool:
         return self.done < self.capacity
 
-    def count_job(self, event: object) -> None:
+    def count_job(self, event: TransitionsEventData) -> None:
         self.done += 1
 
-    async def on_enter_error(self, event: object) -> None:
+    async def on_enter_error(self, event: TransitionsEventData) -> None:
         self.log.append("paused after an error")
         await asyncio.sleep(0)
 
-    def note_event(self, event: object) -> None:
-        self.log.append(f"{event.event.name} from {event.state.name}")  # type: ignore[attr-defined]
+    def note_event(self, event: TransitionsEventData) -> None:
+        self.log.append(f"{event.event.name} from {event.state.name}")
 
-    def note_outcome(self, event: object) -> None:
-        self.log.append(f"{event.event.name}: {'ran' if event.result else 'did not run'}")  # type: ignore[attr-defined]
+    def note_outcome(self, event: TransitionsEventData) -> None:
+        self.log.append(f"{event.event.name}: {'ran' if event.result else 'did not run'}")
 
-    def note_error(self, event: object) -> None:
-        error = type(event.error).__name__  # type: ignore[attr-defined]
-        self.log.append(f"{event.event.name} failed: {error}")  # type: ignore[attr-defined]
+    def note_error(self, event: TransitionsEventData) -> None:
+        error = type(event.error).__name__
+        self.log.append(f"{event.event.name} failed: {error}")
 
-    def say_goodbye(self, event: object) -> None:
+    def say_goodbye(self, event: TransitionsEventData) -> None:
         self.log.append(f"retired after {self.done} jobs")
 
 
@@ -102,27 +119,27 @@ class Worker(MeteredMachine, namespace="myapp", registry=None):
         self.done = 0
         self.log: list[str] = []
 
-    def has_capacity(self, event: object) -> bool:
+    def has_capacity(self, event: EventData) -> bool:
         return self.done < self.capacity
 
-    def count_job(self, event: object) -> None:
+    def count_job(self, event: EventData) -> None:
         self.done += 1
 
-    async def on_enter_error(self, event: object) -> None:
+    async def on_enter_error(self, event: EventData) -> None:
         self.log.append("paused after an error")
         await asyncio.sleep(0)
 
-    def note_event(self, event: object) -> None:
-        self.log.append(f"{event.event.name} from {event.state.name}")  # type: ignore[attr-defined]
+    def note_event(self, event: EventData) -> None:
+        self.log.append(f"{event.event.name} from {event.state.name}")
 
-    def note_outcome(self, event: object) -> None:
-        self.log.append(f"{event.event.name}: {'ran' if event.result else 'did not run'}")  # type: ignore[attr-defined]
+    def note_outcome(self, event: EventData) -> None:
+        self.log.append(f"{event.event.name}: {'ran' if event.result else 'did not run'}")
 
-    def note_error(self, event: object) -> None:
-        error = type(event.error).__name__  # type: ignore[attr-defined]
-        self.log.append(f"{event.event.name} failed: {error}")  # type: ignore[attr-defined]
+    def note_error(self, event: EventData) -> None:
+        error = type(event.error).__name__
+        self.log.append(f"{event.event.name} failed: {error}")
 
-    def say_goodbye(self, event: object) -> None:
+    def say_goodbye(self, event: EventData) -> None:
         self.log.append(f"retired after {self.done} jobs")
 
 
@@ -131,16 +148,15 @@ REGISTRY.register(MachineCollector(Worker))
 
 async def work(worker: LegacyWorker | Worker) -> list[str]:
     """Two jobs, one that fails, a trigger that is not valid, and retirement."""
-    machine: object = worker
     for job_fails in (False, True, False):
-        await machine.start()  # type: ignore[attr-defined]
+        await worker.start()
         if job_fails:
-            await machine.fail()  # type: ignore[attr-defined]
-            await machine.reset()  # type: ignore[attr-defined]
+            await worker.fail()
+            await worker.reset()
         else:
-            await machine.finish()  # type: ignore[attr-defined]
-    await machine.finish()  # type: ignore[attr-defined]  # not valid in idle: on_exception
-    await machine.retire()  # type: ignore[attr-defined]
+            await worker.finish()
+    await worker.finish()  # not valid in idle: on_exception
+    await worker.retire()
     return worker.log
 
 
