@@ -258,51 +258,43 @@ def _closed(machine: MeteredMachine) -> RuntimeError:
 # -- callbacks -------------------------------------------------------------------------
 
 
-async def _callbacks(
+def _calls(
     machine: MeteredMachine,
     callbacks: Sequence[Callback],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    turn: Turn | None,
-) -> None:
-    """Run callbacks one after another, in list order, awaiting what they return."""
+) -> _Run:
+    """Run callbacks one after another, in list order; yield what is to be awaited."""
     for callback in callbacks:
         result = callback(machine, args, kwargs)
-        # Most callbacks return None or a bool: only other results can be awaitable.
-        if (
-            result is not None
-            and result is not True
-            and result is not False
-            and isawaitable(result)
-        ):
-            if turn is not None and turn.context is None:
-                _hold(turn)
-            await result
+        if type(result) not in _PLAIN and isawaitable(result):
+            yield result
+    yield True
 
 
-async def _conditions(
+def _checks(
     machine: MeteredMachine,
     conditions: Sequence[Condition],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    turn: Turn | None,
-) -> bool:
+) -> _Run:
     """Evaluate every condition in order (no short cut, as AsyncMachine); True if all pass."""
     passed = True
     for condition in conditions:
         result = condition.callback(machine, args, kwargs)
-        if (
-            result is not None
-            and result is not True
-            and result is not False
-            and isawaitable(result)
-        ):
-            if turn is not None and turn.context is None:
-                _hold(turn)
-            result = await result
+        if type(result) not in _PLAIN and isawaitable(result):
+            result = yield result
         if result != condition.target:
             passed = False
-    return passed
+    yield passed
+
+
+async def _complete(running: _Run, turn: Turn | None) -> bool:
+    """Run a `_Run` to its outcome, awaiting only when it yields an awaitable."""
+    pending = running.send(None)
+    if pending is True or pending is False:
+        return pending
+    return await finish(running, pending, turn)
 
 
 def _hold(turn: Turn) -> None:
@@ -457,7 +449,7 @@ def _notify(machine: MeteredMachine, step: Step, source: str, elapsed: float | N
 #: A transition in progress: a generator that yields each awaitable its callbacks return
 #: (and is sent its result), then yields its outcome, a bool. Sync callbacks never leave
 #: it, so a transition without async callbacks costs one generator and no coroutine.
-_Run = Generator[Any, Any, bool]
+_Run = Generator[Any, Any, None]
 
 _PLAIN = frozenset((type(None), bool))
 
@@ -520,7 +512,6 @@ def run_steps(
                 yield result
         yield True
     yield False
-    return False  # never reached: the caller stops at the outcome
 
 
 async def finish(running: _Run, pending: Any, turn: Turn | None) -> bool:
@@ -547,11 +538,7 @@ async def run(
     event: EventData | None = None,
 ) -> bool:
     """`run_steps` to its end (for the paths that are awaited anyway)."""
-    running = run_steps(machine, steps, args, kwargs, event)
-    pending = running.send(None)
-    if pending is True or pending is False:
-        return pending
-    return await finish(running, pending, turn)
+    return await _complete(run_steps(machine, steps, args, kwargs, event), turn)
 
 
 async def fire(
@@ -725,7 +712,7 @@ async def _run_hooked(
         steps = _steps(machine, dispatch)
         if steps is not None:
             if hooks.prepare_event:
-                await _callbacks(machine, hooks.prepare_event, cargs, ckwargs, turn)
+                await _complete(_calls(machine, hooks.prepare_event, cargs, ckwargs), turn)
             result = await run(machine, steps, args, kwargs, turn, event)
             if event is not None:
                 event.result = result
@@ -735,11 +722,11 @@ async def _run_hooked(
             event.error = exc
         if not hooks.on_exception:
             raise
-        await _callbacks(machine, hooks.on_exception, cargs, ckwargs, turn)
+        await _complete(_calls(machine, hooks.on_exception, cargs, ckwargs), turn)
     finally:
         if hooks.finalize_event:
             try:
-                await _callbacks(machine, hooks.finalize_event, cargs, ckwargs, turn)
+                await _complete(_calls(machine, hooks.finalize_event, cargs, ckwargs), turn)
             except Exception:
                 logger.exception(
                     "%s: a finalize_event callback of %r raised; the trigger's outcome stands",
@@ -917,11 +904,11 @@ async def may(
             event.transition = step.info
         try:
             if hooks is not None and hooks.prepare_event:
-                await _callbacks(machine, hooks.prepare_event, cargs, ckwargs, None)
+                await _complete(_calls(machine, hooks.prepare_event, cargs, ckwargs), None)
             if step.prepare:
-                await _callbacks(machine, step.prepare, cargs, ckwargs, None)
-            if not step.conditions or await _conditions(
-                machine, step.conditions, cargs, ckwargs, None
+                await _complete(_calls(machine, step.prepare, cargs, ckwargs), None)
+            if not step.conditions or await _complete(
+                _checks(machine, step.conditions, cargs, ckwargs), None
             ):
                 return True
         except Exception as exc:
@@ -929,5 +916,5 @@ async def may(
                 raise
             if event is not None:
                 event.error = exc
-            await _callbacks(machine, hooks.on_exception, cargs, ckwargs, None)
+            await _complete(_calls(machine, hooks.on_exception, cargs, ckwargs), None)
     return False
