@@ -10,8 +10,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import anyio
 
+from . import _engine
+from ._engine import change_state
 from ._machine import MeteredMachine
-from ._tasks import P, T, _close, _Decorator, _fire, _now, _plan, _settle, enter, exit
+from ._tasks import (
+    P,
+    T,
+    _Decorator,
+    _fire,
+    _first_step,
+    _now,
+    _perf_counter,
+    _plan,
+    _settle,
+    enter,
+    exit,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -20,8 +34,10 @@ __all__ = ["TaskMachine"]
 
 _TASK_TRIGGERS = ("start", "succeed", "fail", "cancel")
 
-# The task machines of the calls running in this context, innermost last.
-_running: ContextVar[tuple[TaskMachine, ...]] = ContextVar("statemachine_metrics_tasks", default=())
+# The task machines of the calls running in this context, innermost first: a chain of
+# (machine, outer chain) pairs, which a call extends without copying.
+_Chain = tuple["TaskMachine", "_Chain"] | tuple[()]
+_running: ContextVar[_Chain] = ContextVar("statemachine_metrics_tasks", default=())
 
 
 class TaskMachine(MeteredMachine, abstract=True):
@@ -92,7 +108,9 @@ class TaskMachine(MeteredMachine, abstract=True):
             LookupError: no call of a `task` of this class (or a subclass) is running in
                 this context.
         """
-        for machine in reversed(_running.get()):
+        chain = _running.get()
+        while chain:
+            machine, chain = chain
             if isinstance(machine, cls):
                 return machine
         raise LookupError(
@@ -167,6 +185,9 @@ class TaskMachine(MeteredMachine, abstract=True):
         final = cls.final_states
         # Only a class with timeouts has timers to start: the others skip enter and exit.
         timed = bool(_plan(cls))
+        # `start` on the fresh machine: its turn is free and it is open, so `_now`'s
+        # checks that remain are the step's (done here, once) and instrumentation.
+        first = _first_step(start, cls.initial_state())
 
         # Each trigger fires at once when the engine would (`_now`: its turn is free, the
         # step has no callbacks), and the machine closes at once when its turn is free;
@@ -174,12 +195,14 @@ class TaskMachine(MeteredMachine, abstract=True):
         @functools.wraps(func)
         async def call(*args: P.args, **kwargs: P.kwargs) -> T:
             machine = cls(labels=None if labels is None else labels(*args, **kwargs))
-            running = _running.set((*_running.get(), machine))
+            running = _running.set((machine, _running.get()))
             try:
                 if timed:
                     await enter(machine)
                 try:
-                    if not _now(machine, start):
+                    if first is not None and start.fire is _engine.fire:
+                        change_state(machine, first, _perf_counter())
+                    else:
                         await _fire(machine, start)
                     result = await func(*args, **kwargs)
                 except BaseException as failure:
@@ -195,7 +218,9 @@ class TaskMachine(MeteredMachine, abstract=True):
                 finally:
                     if timed:
                         await exit(machine)
-                    if not _close(machine):
+                    if machine._owner is None:
+                        machine._end()  # what `aclose` does when it need not wait
+                    else:
                         with anyio.CancelScope(shield=True):
                             await machine.aclose()
             finally:

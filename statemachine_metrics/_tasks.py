@@ -103,13 +103,16 @@ def _now(machine: MeteredMachine, trigger: _Trigger) -> bool:
     return False
 
 
-def _close(machine: MeteredMachine) -> bool:
-    """Close the machine at once when its turn is free (`MeteredMachine.aclose` would
-    not wait); True if it is closed, False when a transition holds the turn."""
-    if machine._owner is None:
-        machine._end()
-        return True
-    return False
+def _first_step(trigger: _Trigger, state: str) -> _engine.Step | None:
+    """The step `_now` takes for `trigger` on a fresh machine (turn free, open) in `state`,
+    or None when it would not take one; whether `trigger` is instrumented is asked at
+    each call (``trigger.fire is _engine.fire``)."""
+    if trigger.hooks is not None:
+        return None
+    steps = trigger.steps.get(state)
+    if steps is None or not steps[0].bare:
+        return None
+    return steps[0]
 
 
 async def _fire(machine: MeteredMachine, trigger: _Trigger, final: Collection[str] = ()) -> bool:
