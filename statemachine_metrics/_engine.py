@@ -147,6 +147,7 @@ class Step:
         "dest",
         "dst",
         "enter",
+        "entered",
         "exit",
         "family",
         "info",
@@ -192,6 +193,9 @@ class Step:
         #: The class's listeners (a list shared with the class, changed in place).
         self.listening: list[Listener] = [] if listening is None else listening
         self.info = TransitionInfo(source, dest)
+        #: The states the transition enters (a nested one may enter several); set by the
+        #: compiler. A state timeout restarts for each.
+        self.entered: frozenset[str] = frozenset(() if dest is None else (dest,))
         # True when this is the only step from its source and has no callbacks: the
         # trigger may take the fast path. Set by the compiler.
         self.bare = False
@@ -377,7 +381,7 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
     if dest is not None:
         timers = machine._timers
         if timers is not None:
-            timers.moved(dest)
+            timers.moved(dest, step.entered)
     if step.listening or machine._listeners is not None:
         _notify(machine, step, state, elapsed)
 

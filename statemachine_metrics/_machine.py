@@ -714,6 +714,9 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                             listening=cls._listening,
                         )
                     )
+                for step, t in zip(steps, candidates):
+                    if t.dest is not None:
+                        step.entered = frozenset(getattr(t, "enter_path", (t.dest,)))
                 if len(steps) == 1:
                     only = steps[0]
                     only.bare = not (

@@ -355,11 +355,14 @@ def check_timeouts(cls: type[MeteredMachine]) -> None:
         )
     plan: dict[str, _Timeout] = {}
     if raw:
-        states = cls.state_names()
+        # Any state, compound ones too: a compound state's timeout runs while any of its
+        # states is current.
+        inside = _inside(cls)
+        states = tuple(inside)
         table = cls.transition_table()
         for state, entry in raw.items():
             where = f"{owner}.timeouts[{state!r}]"
-            if state not in states:
+            if state not in inside:
                 raise ValueError(
                     f"{where}: unknown state {state!r}; states are {', '.join(states)}"
                 )
@@ -381,13 +384,22 @@ def check_timeouts(cls: type[MeteredMachine]) -> None:
                 )
             trigger = _resolve(cls, name, where)
             sources = sorted({t.source for t in table if t.trigger == trigger.name})
-            if state not in sources:
+            missing = sorted(inside[state].difference(sources))
+            if missing:
+                within = "" if missing == [state] else f" (within it: {', '.join(missing)})"
                 raise ValueError(
-                    f"{where}: trigger {trigger.name!r} has no transition from {state!r}; "
-                    f"it fires from {', '.join(sources)}"
+                    f"{where}: trigger {trigger.name!r} has no transition from {state!r}"
+                    f"{within}; it fires from {', '.join(sources) or 'no state'}"
                 )
             plan[state] = _Timeout(state, float(seconds), trigger)
     setattr(cls, _PLAN, plan)
+
+
+def _inside(cls: type[MeteredMachine]) -> Mapping[str, frozenset[str]]:
+    """Every state, compound ones included, with the states a machine can be in within it."""
+    definition = cls._definition
+    substates: Mapping[str, frozenset[str]] | None = getattr(definition, "substates", None)
+    return substates or {state: frozenset((state,)) for state in cls.state_names()}
 
 
 def _plan(cls: type[MeteredMachine]) -> Mapping[str, _Timeout]:
@@ -399,29 +411,56 @@ class _Timers:
     """The timer task of one entered machine: one deadline, re-armed on every move.
 
     `moved` runs synchronously inside the engine's state change, so it only writes a
-    deadline (into the sleeping task's cancel scope when there is one). The task wakes at
-    the deadline and fires the state's trigger in the machine's turn, unless the machine
-    moved in the meantime (the epoch counts moves).
+    deadline (into the sleeping task's cancel scope when there is one). Each timed state
+    the machine is in (a compound state stays entered while the machine moves among its
+    states) counts from when it was entered; the task wakes at the earliest deadline and
+    fires that state's trigger in the machine's turn, unless the machine left the state
+    in the meantime. A timeout fires at most once per stay.
     """
 
-    __slots__ = ("deadline", "epoch", "group", "machine", "plan", "scope", "timeout")
+    __slots__ = ("active", "deadline", "group", "inside", "machine", "plan", "scope", "timeout")
 
-    def __init__(self, machine: MeteredMachine, plan: Mapping[str, _Timeout]) -> None:
+    def __init__(
+        self,
+        machine: MeteredMachine,
+        plan: Mapping[str, _Timeout],
+        inside: Mapping[str, frozenset[str]],
+    ) -> None:
         # Weak: the machine holds this object, which must not hold the machine back.
         self.machine = weakref.ref(machine)
         self.plan = plan
-        self.epoch = 0
-        self.timeout: _Timeout | None = None
+        self.inside = inside
+        #: The timed states the machine is in: when each was entered (inf: fired already).
+        self.active: dict[str, float] = {}
+        self.timeout: tuple[_Timeout, float] | None = None
         self.deadline = math.inf
         self.scope: anyio.CancelScope | None = None
         self.group: TaskGroup | None = None
 
-    def moved(self, dest: str) -> None:
-        """The machine entered `dest` (again, for a reflexive transition): re-arm."""
-        self.epoch += 1
-        timeout = self.plan.get(dest)
-        self.timeout = timeout
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout.seconds
+    def moved(self, dest: str, entered: Collection[str] | None = None) -> None:
+        """The machine is now in `dest`, having entered the states `entered` (all of its
+        states when None): timed states it left stop, those it (re-)entered start now."""
+        now = anyio.current_time()
+        active = self.active
+        inside = self.inside
+        for state in [
+            s for s in active if dest not in inside[s] or entered is None or s in entered
+        ]:
+            del active[state]
+        for state in self.plan:
+            if state not in active and dest in inside[state]:
+                active[state] = now
+        self._arm()
+
+    def _arm(self) -> None:
+        best: tuple[_Timeout, float] | None = None
+        deadline = math.inf
+        for state, since in self.active.items():
+            timeout = self.plan[state]
+            due = since + timeout.seconds
+            if due < deadline:
+                deadline, best = due, (timeout, since)
+        self.timeout = best
         if deadline != self.deadline:
             self.deadline = deadline
             scope = self.scope
@@ -438,23 +477,23 @@ class _Timers:
                     await anyio.sleep_forever()
                 finally:
                     self.scope = None
-            timeout = self.timeout
-            if timeout is None or anyio.current_time() < self.deadline:
+            due = self.timeout
+            if due is None or anyio.current_time() < self.deadline:
                 continue  # re-armed after the old deadline had already woken us
-            self.deadline = math.inf  # at most once per stay in the state
-            await self._fire(timeout, self.epoch)
+            entry, since = due
+            self.active[entry.state] = math.inf  # at most once per stay in the state
+            self._arm()
+            await self._fire(entry, since)
 
-    async def _fire(self, entry: _Timeout, epoch: int) -> None:
+    async def _fire(self, entry: _Timeout, since: float) -> None:
         machine = self.machine()
         if machine is None:
             return
+        active = self.active
 
         def still_due() -> bool:
-            return (
-                machine._series is not None
-                and machine._state == entry.state
-                and self.epoch == epoch
-            )
+            # Still the same stay: the state was not left (nor re-entered) meanwhile.
+            return machine._series is not None and active.get(entry.state) == math.inf
 
         try:
             await entry.trigger.fire(machine, entry.trigger, (), {}, still_due)
@@ -500,7 +539,7 @@ async def enter(machine: MeteredMachine) -> None:
             f"{cls.__qualname__} machine is already entered; enter a machine once, with "
             "one 'async with'"
         )
-    timers = _Timers(machine, plan)
+    timers = _Timers(machine, plan, _inside(cls))
     group = anyio.create_task_group()
     await group.__aenter__()
     timers.group = group

@@ -371,3 +371,61 @@ async def test_timeout_on_a_nested_state(anyio_backend: str) -> None:
         assert fetch.state == "running_waiting"
         await anyio.sleep(0.2)
         assert fetch.state == "idle"
+
+
+class Crawl(MeteredMachine, registry=None, name="crawl_timeouts"):
+    states = [
+        "idle",
+        {"name": "running", "children": ["fetching", "parsing"], "initial": "fetching"},
+        "failed",
+    ]
+    transitions = [
+        ["go", "idle", "running"],
+        ["parse", "running_fetching", "running_parsing"],
+        ["again", "running_parsing", "running_fetching"],
+        ["restart", "running", "running"],
+        ["fail", "running", "failed"],
+    ]
+    timeouts = {"running": (0.15, "fail")}
+
+
+@pytest.mark.anyio
+async def test_timeout_on_a_compound_state_runs_while_any_child_is_current() -> None:
+    async with Crawl() as crawl:
+        await crawl.go()
+        # Moving among running's states every 30 ms does not restart its 150 ms timeout
+        # (if it did, the machine would never fail here).
+        for _ in range(30):
+            await anyio.sleep(0.03)
+            if crawl.state == "failed":
+                break
+            await (crawl.parse() if crawl.state == "running_fetching" else crawl.again())
+        assert crawl.state == "failed"
+
+
+@pytest.mark.anyio
+async def test_timeout_on_a_compound_state_restarts_when_it_is_entered_again() -> None:
+    async with Crawl() as crawl:
+        await crawl.go()
+        for _ in range(3):
+            await anyio.sleep(0.1)
+            await crawl.restart()  # leaves running and enters it again
+        assert crawl.state == "running_fetching"
+        with anyio.fail_after(1):
+            while crawl.state != "failed":
+                await anyio.sleep(0.01)
+
+
+def test_timeout_on_a_compound_state_needs_its_trigger_from_every_child() -> None:
+    with pytest.raises(ValueError, match=r"trigger 'parse' has no transition from 'running'"):
+
+        class Bad(MeteredMachine, registry=None, name="crawl_bad_timeout"):
+            states = [
+                "idle",
+                {"name": "running", "children": ["fetching", "parsing"], "initial": "fetching"},
+            ]
+            transitions = [
+                ["go", "idle", "running"],
+                ["parse", "running_fetching", "running_parsing"],
+            ]
+            timeouts = {"running": (1.0, "parse")}
