@@ -6,7 +6,17 @@ import importlib
 import platform
 import sys
 
-SUITES = ["enum", "transition", "create", "scrape", "pool", "nesting", "scale", "multiprocess"]
+SUITES = [
+    "enum",
+    "transition",
+    "create",
+    "scrape",
+    "pool",
+    "tasks",
+    "nesting",
+    "scale",
+    "multiprocess",
+]
 
 
 def main(argv: list[str]) -> None:
