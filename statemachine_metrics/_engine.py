@@ -241,13 +241,11 @@ class Turn:
     from another task nests only if that task runs in a task group opened since then.
     """
 
-    __slots__ = ("context", "mark", "queue", "task")
-
-    def __init__(self) -> None:
-        self.task: object = None
-        self.mark: object = None
-        self.context: Token[tuple[Turn, ...]] | None = None
-        self.queue: deque[tuple[Dispatch, tuple[Any, ...], dict[str, Any]]] | None = None
+    # Class-level defaults and no __init__: taking a turn allocates a bare object.
+    task: object = None
+    mark: object = None
+    context: Token[tuple[Turn, ...]] | None = None
+    queue: deque[tuple[Dispatch, tuple[Any, ...], dict[str, Any]]] | None = None
 
 
 # The turns held by the current task and the tasks it started: a trigger awaited from one
@@ -588,7 +586,9 @@ async def fire(
             result = await _run_hooked(machine, dispatch, dispatch.hooks, args, kwargs, turn)
         else:
             try:
-                steps = _steps(machine, dispatch)
+                steps = dispatch.steps.get(machine._state)
+                if steps is None:
+                    steps = _invalid_or_ignored(machine, dispatch)
                 if steps is None:
                     result = False
                 else:
@@ -676,13 +676,16 @@ async def _run_checked(
 
 def _steps(machine: MeteredMachine, dispatch: Dispatch) -> tuple[Step, ...] | None:
     """The steps for the machine's state; None for an ignored invalid trigger."""
-    state = machine._state
-    steps = dispatch.steps.get(state)
-    if steps is None:
-        if state in type(machine)._ignore_invalid:
-            return None
-        raise _invalid(machine, dispatch)
-    return steps
+    steps = dispatch.steps.get(machine._state)
+    return _invalid_or_ignored(machine, dispatch) if steps is None else steps
+
+
+def _invalid_or_ignored(machine: MeteredMachine, dispatch: Dispatch) -> tuple[Step, ...] | None:
+    """No transition from the machine's state: None if the state ignores invalid triggers,
+    else raise transitions' `MachineError`."""
+    if machine._state in type(machine)._ignore_invalid:
+        return None
+    raise _invalid(machine, dispatch)
 
 
 def _invalid(machine: MeteredMachine, dispatch: Dispatch) -> MachineError:
