@@ -151,6 +151,7 @@ class Step:
         "exit",
         "family",
         "info",
+        "lead",
         "listening",
         "prepare",
         "slot",
@@ -199,6 +200,9 @@ class Step:
         # True when this is the only step from its source and has no callbacks: the
         # trigger may take the fast path. Set by the compiler.
         self.bare = False
+        #: The class's prepare_event callbacks, on the first step of each group of
+        #: candidates tried together (one group; with nested states, one per level).
+        self.lead: tuple[Callback, ...] = ()
 
 
 class Dispatch:
@@ -473,6 +477,10 @@ def run_steps(
     if event is not None:
         args, kwargs = (event,), {}
     for step in steps:
+        for callback in step.lead:  # before the step is the event's transition, as there
+            result = callback(machine, args, kwargs)
+            if type(result) not in _PLAIN and isawaitable(result):
+                yield result
         if event is not None:
             event.transition = step.info
         for callback in step.prepare:
@@ -718,8 +726,6 @@ async def _run_hooked(
     try:
         steps = _steps(machine, dispatch)
         if steps is not None:
-            if hooks.prepare_event:
-                await _complete(_calls(machine, hooks.prepare_event, cargs, ckwargs), turn)
             result = await run(machine, steps, args, kwargs, turn, event)
             if event is not None:
                 event.result = result

@@ -714,9 +714,13 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                             listening=cls._listening,
                         )
                     )
-                for step, t in zip(steps, candidates):
+                level: object = None
+                for i, (step, t) in enumerate(zip(steps, candidates)):
                     if t.dest is not None:
                         step.entered = frozenset(getattr(t, "enter_path", (t.dest,)))
+                    if i == 0 or getattr(t, "level", None) != level:
+                        step.lead = prepare_event
+                    level = getattr(t, "level", None)
                 if len(steps) == 1:
                     only = steps[0]
                     only.bare = not (

@@ -259,6 +259,7 @@ def define(
                 for transition in declared.get(holder, ()):
                     resolved: Any = copy.copy(transition)
                     resolved.source = state
+                    resolved.level = holder  # HSM runs prepare_event once per level it tries
                     if transition.dest is not None:
                         exits, enters = _paths(tree, state, transition.dest)
                         resolved.dest = enters[-1]

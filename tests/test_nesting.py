@@ -431,3 +431,53 @@ def test_timeout_on_a_compound_state_needs_its_trigger_from_every_child() -> Non
                 ["parse", "running_fetching", "running_parsing"],
             ]
             timeouts = {"running": (1.0, "parse")}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the reference runs on asyncio only
+@pytest.mark.anyio
+async def test_prepare_event_runs_once_per_level_tried_as_in_hsm() -> None:
+    from transitions.extensions.asyncio import HierarchicalAsyncMachine
+
+    states = ["idle", {"name": "running", "children": ["a", "b"], "initial": "a"}]
+    transitions = [
+        ["stop", "running", "idle"],
+        {"trigger": "stop", "source": "running_a", "dest": "running_b", "conditions": "no"},
+    ]
+    log: list[str] = []
+
+    class Model:
+        def no(self) -> bool:
+            log.append("condition")
+            return False
+
+        def prep(self) -> None:
+            log.append("prepare_event")
+
+    model = Model()
+    HierarchicalAsyncMachine(
+        model, states=states, transitions=transitions, initial="running", prepare_event="prep"
+    )
+    await model.stop()  # type: ignore[attr-defined]
+    expected, log[:] = list(log), []
+
+    class Ours(MeteredMachine, registry=None, name="prepare_levels"):
+        states = ["idle", {"name": "running", "children": ["a", "b"], "initial": "a"}]
+        transitions = [
+            ["stop", "running", "idle"],
+            {"trigger": "stop", "source": "running_a", "dest": "running_b", "conditions": "no"},
+        ]
+        initial = "running"
+        prepare_event = "prep"
+        stop: Trigger
+
+        def no(self) -> bool:
+            log.append("condition")
+            return False
+
+        def prep(self) -> None:
+            log.append("prepare_event")
+
+    ours = Ours()
+    await ours.stop()
+    assert log == expected == ["prepare_event", "condition", "prepare_event"]
+    assert ours.state == model.state == "idle"  # type: ignore[attr-defined]
