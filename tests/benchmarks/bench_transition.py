@@ -50,6 +50,18 @@ class CheckedWorker(MeteredMachine, registry=None):
         pass
 
 
+class HookedWorker(MeteredMachine, registry=None):
+    """No transition callbacks, but machine-level ones: every trigger takes the full path."""
+
+    states = STATES
+    transitions = TRANSITIONS
+    prepare_event = "noop"
+    finalize_event = "noop"
+
+    def noop(self) -> None:
+        pass
+
+
 class Floor:
     """A transition written by hand, with the work ours does and nothing else: a dict
     lookup, the state store, live counts, the transition counter, the time-in-state
@@ -190,13 +202,17 @@ def run() -> Table:
             on(backend, ours(CheckedWorker)),
             N,
         )
+        cases[f"ours, prepare_event + finalize_event (sync), {backend}"] = (
+            on(backend, ours(HookedWorker)),
+            N,
+        )
     times = interleaved(cases)
     for name, seconds in times.items():
         if name == floor_name:
             table.add(name, seconds)
         elif name == floor_calls:
             table.add(name, seconds, floor_name)
-        elif "condition" in name:
+        elif "condition" in name or "prepare_event" in name:
             table.add(name, seconds, floor_calls, same)
         else:
             table.add(name, seconds, floor_name, None if name.startswith("AsyncMachine") else same)
