@@ -29,6 +29,9 @@ _PER_INSTANCE = frozenset({"_lock", "_metrics", "_value", "_labelvalues", "_chil
 
 
 _M = TypeVar("_M", bound=Callable[..., None])
+_new_tuple = tuple.__new__
+# A Sample's fields after name, labels and value (timestamp, exemplar, ...), all unset.
+_NO_MORE = (None,) * (len(Sample._fields) - 3)
 
 
 def _notifying(method: _M) -> _M:
@@ -310,12 +313,15 @@ class Enum(MetricWrapperBase):
         labelnames = self._labelnames
         states = self._states
         metric = Metric(name, self._documentation, "stateset")
-        samples = metric.samples
+        append = metric.samples.append
         for labelvalues, current in snapshot:
+            series = dict(zip(labelnames, labelvalues))
             for i, state in enumerate(states):
-                labels = dict(zip(labelnames, labelvalues))
+                labels = series.copy()
                 labels[name] = state
-                samples.append(Sample(name, labels, 1 if i == current else 0, None, None))
+                # Sample(name, labels, value) without the keyword-aware constructor: a
+                # scrape of many machines builds three of these per machine.
+                append(_new_tuple(Sample, (name, labels, 1 if i == current else 0, *_NO_MORE)))
         return metric
 
     def _child_samples(self) -> Iterable[Sample]:
