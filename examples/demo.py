@@ -28,6 +28,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from statemachine_metrics import MeteredMachine, TaskMachine, serve_metrics
 
+#: Where the alerts and dashboards for these machines come from.
+RULES = (
+    "alert rules for these machines: python -m statemachine_metrics rules examples.demo "
+    "(a Grafana dashboard: dashboard examples.demo; see docs/alerts-and-dashboards.md)"
+)
+
 
 class Worker(MeteredMachine, namespace="demo", labelnames=("worker",)):
     """Current state of a pool worker"""
@@ -146,7 +152,7 @@ def render(view: Snapshot, rate: float, url: str) -> object:
             )
             + f" | {rate:.1f} transitions/s"
         )
-    table = Table(title=f"statemachine_metrics demo — {url}", caption="Ctrl-C stops")
+    table = Table(title=f"statemachine_metrics demo — {url}", caption=f"{RULES}\nCtrl-C stops")
     table.add_column("machine")
     table.add_column("state")
     table.add_column("live", justify="right")
@@ -219,6 +225,7 @@ async def run_demo(
             started(bound)
         if not live:
             print(f"serving metrics on {url}")
+            print(RULES)
         for i in range(settings.workers):
             tg.start_soon(work, f"w{i + 1}", settings)
         tg.start_soon(show, registry, url, live, 0.5)

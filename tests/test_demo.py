@@ -57,7 +57,9 @@ async def test_demo_serves_metrics_of_a_busy_pool(capsys: pytest.CaptureFixture[
                 registry=registry,
                 started=started,
             )
-    assert "serving metrics on http://127.0.0.1:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "serving metrics on http://127.0.0.1:" in printed
+    assert "python -m statemachine_metrics rules examples.demo" in printed
     (body,) = bodies
     values = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
