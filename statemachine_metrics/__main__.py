@@ -108,6 +108,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "(default: 0.05)",
     )
     rules.add_argument(
+        "--multiprocess",
+        action="store_true",
+        help="the machines run in prometheus_client's multiprocess mode: stay ages come "
+        "from <name>_oldest_timestamp_seconds",
+    )
+    rules.add_argument(
         "--timer-grace",
         type=float,
         default=60.0,
@@ -268,6 +274,7 @@ def _rule_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             labels=labels,
             error_ratio=args.error_ratio,
             timer_grace=args.timer_grace,
+            multiprocess=args.multiprocess,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -108,6 +108,13 @@ class MachineMetrics:
     def trigger_duration(self) -> str:
         return f"{self.name}_trigger_duration_seconds"
 
+    def stay(self, selector: str, multiprocess: bool) -> str:
+        """How long the longest-staying machine has been in a state: the oldest-stay gauge,
+        or in multiprocess mode the age of the oldest entry timestamp."""
+        if multiprocess:
+            return f"(time() - {self.name}_oldest_timestamp_seconds{selector})"
+        return f"{self.oldest}{selector}"
+
     def in_state(self, state: str) -> str:
         """A label matcher selecting one state: ``{myapp_worker_state="error"}``."""
         return f"{{{self.name}={_promql_string(state)}}}"
@@ -158,6 +165,10 @@ class RuleOptions:
             ``<Class>Errors`` fires.
         timer_grace: seconds past a state's timeout after which ``<Class>TimeoutNotFired``
             fires.
+        multiprocess: the machines run in prometheus_client's multiprocess mode, which
+            exports ``<name>_oldest_timestamp_seconds`` (when the longest-staying machine
+            entered each state) instead of ``<name>_oldest_seconds``: stay ages are
+            computed from it with ``time()``.
     """
 
     window: str = "5m"
@@ -165,6 +176,7 @@ class RuleOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     error_ratio: float = 0.05
     timer_grace: float = 60.0
+    multiprocess: bool = False
 
     def __post_init__(self) -> None:
         for what, value in (("window", self.window), ("for", self.for_)):
@@ -223,7 +235,9 @@ def _promql_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _recording_rules(m: MachineMetrics, window: str) -> list[dict[str, Any]]:
+def _recording_rules(
+    m: MachineMetrics, window: str, multiprocess: bool = False
+) -> list[dict[str, Any]]:
     """Rates and gauges aggregated over instances: what dashboards and a federating
     Prometheus read, named level:metric:operations as Prometheus' conventions say."""
     w = window  # a duration is valid in a rule name as it is: rate5m, rate1h30m
@@ -245,7 +259,7 @@ def _recording_rules(m: MachineMetrics, window: str) -> list[dict[str, Any]]:
             "expr": summed("sum", f"rate({m.trigger_duration}_count[{window}])"),
         },
         {"record": f"job:{m.machines}:sum", "expr": summed("sum", m.machines)},
-        {"record": f"job:{m.oldest}:max", "expr": summed("max", m.oldest)},
+        {"record": f"job:{m.oldest}:max", "expr": summed("max", m.stay("", multiprocess))},
         {
             "record": f"job:{m.duration}_bucket:rate{w}",
             "expr": summed("sum", f"rate({m.duration}_bucket[{window}])"),
@@ -291,7 +305,7 @@ def _alerts(m: MachineMetrics, options: RuleOptions) -> list[dict[str, Any]]:
         alerts.append(
             _alert(
                 f"{cls}Stuck",
-                f"{m.oldest}{m.in_state(state)} > {_number(limit)}",
+                f"{m.stay(m.in_state(state), options.multiprocess)} > {_number(limit)}",
                 {"state": state},
                 f"A {cls} machine is stuck in state {_text(state)}",
                 f"A {cls} machine on {where} has been in state {_text(state)} for "
@@ -305,7 +319,7 @@ def _alerts(m: MachineMetrics, options: RuleOptions) -> list[dict[str, Any]]:
         alerts.append(
             _alert(
                 f"{cls}TimeoutNotFired",
-                f"{m.oldest}{m.in_state(state)} > {_number(limit)}",
+                f"{m.stay(m.in_state(state), options.multiprocess)} > {_number(limit)}",
                 {"state": state, "trigger": trigger},
                 f"A {cls} timeout did not move a machine out of state {_text(state)}",
                 f"A {cls} machine on {where} has been in state {_text(state)} for "
@@ -347,7 +361,13 @@ def rule_groups(
     """
     options = options or RuleOptions()
     return [
-        {"name": m.owner, "rules": [*_recording_rules(m, options.window), *_alerts(m, options)]}
+        {
+            "name": m.owner,
+            "rules": [
+                *_recording_rules(m, options.window, options.multiprocess),
+                *_alerts(m, options),
+            ],
+        }
         for m in machine_metrics(classes)
     ]
 

@@ -443,6 +443,52 @@ def test_promtool_unit_tests_of_generated_alerts(capsys: pytest.CaptureFixture[s
     assert "UploaderStuck" in failed.stdout + failed.stderr
 
 
+# In multiprocess mode the stay's age comes from the entry timestamp: the machine entered
+# `uploading` at time 0 and stays there.
+RULE_TESTS_MULTIPROCESS = """\
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'upl_oldest_timestamp_seconds{upl="uploading", job="app", instance="a:1"}'
+        values: '0x10'
+      - series: 'upl_oldest_timestamp_seconds{upl="idle", job="app", instance="a:1"}'
+        values: 'Inf Inf Inf Inf Inf Inf Inf Inf'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: UploaderStuck
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: UploaderStuck
+        exp_alerts:
+          - exp_labels:
+              state: uploading
+              upl: uploading
+              job: app
+              instance: a:1
+            exp_annotations:
+              summary: A Uploader machine is stuck in state uploading
+              description: A Uploader machine on a:1 has been in state uploading for 6m 0s,
+                longer than its limit of 5m (Uploader.stuck_after).
+"""
+
+
+def test_promtool_unit_tests_of_generated_alerts_in_multiprocess_mode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    promtool = need("promtool", PROMTOOL)
+    rules = generated_rules([f"{__name__}:Uploader", "--multiprocess"], capsys)
+    assert "_oldest_timestamp_seconds" in rules
+    assert "_oldest_seconds{" not in rules
+    assert check_rules(rules, promtool=promtool).returncode == 0
+    result = unit_test_rules(rules, RULE_TESTS_MULTIPROCESS, promtool=promtool)
+    assert result.returncode == 0, result.problems
+    # The canary: the single-process rules read a gauge these series do not have.
+    single = generated_rules([f"{__name__}:Uploader"], capsys)
+    assert unit_test_rules(single, RULE_TESTS_MULTIPROCESS, promtool=promtool).returncode != 0
+
+
 @requires_prometheus
 def test_prometheus_fires_the_generated_stuck_alert(capsys: pytest.CaptureFixture[str]) -> None:
     """A real Prometheus loads the generated rules, scrapes an app with a stuck machine
