@@ -353,6 +353,25 @@ def test_promtool_rejects_a_broken_rule_file() -> None:
 
 # promtool's unit tests: input series for one instance, then what each alert shows when.
 # Series grow by 60 every minute, as the age of a machine that never leaves its state does.
+# The machine entered `uploading` at 0: UploaderStuck fires past 5 minutes, not before.
+STUCK_TESTS = """\
+      - eval_time: 4m
+        alertname: UploaderStuck
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: UploaderStuck
+        exp_alerts:
+          - exp_labels:
+              state: uploading
+              upl: uploading
+              job: app
+              instance: a:1
+            exp_annotations:
+              summary: A Uploader machine is stuck in state uploading
+              description: A Uploader machine on a:1 has been in state uploading for 6m 0s,
+                longer than its limit of 5m (Uploader.stuck_after).
+"""
+
 RULE_TESTS = """\
 rule_files: [rules.yml]
 evaluation_interval: 1m
@@ -374,22 +393,7 @@ tests:
       - series: 'upl_trigger_duration_seconds_count{trigger="done", job="app", instance="a:1"}'
         values: '0+60x10'
     alert_rule_test:
-      - eval_time: 4m
-        alertname: UploaderStuck
-        exp_alerts: []
-      - eval_time: 6m
-        alertname: UploaderStuck
-        exp_alerts:
-          - exp_labels:
-              state: uploading
-              upl: uploading
-              job: app
-              instance: a:1
-            exp_annotations:
-              summary: A Uploader machine is stuck in state uploading
-              description: A Uploader machine on a:1 has been in state uploading for 6m 0s,
-                longer than its limit of 5m (Uploader.stuck_after).
-      - eval_time: 1m
+@STUCK@      - eval_time: 1m
         alertname: UploaderTimeoutNotFired
         exp_alerts: []
       - eval_time: 2m
@@ -425,7 +429,7 @@ tests:
             value: 0.1
           - labels: 'job:upl_errors:rate5m{trigger="done", error="ValueError", job="app"}'
             value: 0.016666666666666666
-"""
+""".replace("@STUCK@", STUCK_TESTS)
 
 
 @requires_promtool
@@ -456,22 +460,7 @@ tests:
       - series: 'upl_oldest_timestamp_seconds{upl="idle", job="app", instance="a:1"}'
         values: 'Inf Inf Inf Inf Inf Inf Inf Inf'
     alert_rule_test:
-      - eval_time: 4m
-        alertname: UploaderStuck
-        exp_alerts: []
-      - eval_time: 6m
-        alertname: UploaderStuck
-        exp_alerts:
-          - exp_labels:
-              state: uploading
-              upl: uploading
-              job: app
-              instance: a:1
-            exp_annotations:
-              summary: A Uploader machine is stuck in state uploading
-              description: A Uploader machine on a:1 has been in state uploading for 6m 0s,
-                longer than its limit of 5m (Uploader.stuck_after).
-"""
+@STUCK@""".replace("@STUCK@", STUCK_TESTS)
 
 
 def test_promtool_unit_tests_of_generated_alerts_in_multiprocess_mode(
