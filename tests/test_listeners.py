@@ -14,19 +14,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from statemachine_metrics import MachineError, MeteredMachine, TransitionEvent
+from tests._machines import STATES, TRANSITIONS, metered
 
 pytestmark = pytest.mark.anyio
-
-STATES = ["idle", "running", "error"]
-TRANSITIONS: list[Any] = [
-    ["start", "idle", "running"],
-    ["finish", "running", "idle"],
-    ["fail", ["idle", "running"], "error"],
-    ["reset", "error", "idle"],
-    {"trigger": "heartbeat", "source": "running", "dest": None},
-    {"trigger": "restart", "source": "running", "dest": "running"},
-    {"trigger": "start_if", "source": "idle", "dest": "running", "conditions": "allowed"},
-]
 
 
 def subclass(base: Any, name: str, **members: Any) -> Any:
@@ -53,23 +43,9 @@ class Seen:
 
 def sample(cls: Any, suffix: str, **labels: str) -> float:
     """A sample of the class's metrics, read from its own registry."""
-    registry: CollectorRegistry = cls._registry_for_tests
+    registry: CollectorRegistry = cls.registry_
     value = registry.get_sample_value(cls.metric_names()[0] + suffix, labels)
     return 0.0 if value is None else value
-
-
-def metered(name: str = "Worker", **members: Any) -> Any:
-    """A fresh machine class in its own registry (so tests never clash on names)."""
-    registry = CollectorRegistry()
-    namespace: dict[str, Any] = {
-        "allowed": False,
-        "states": STATES,
-        "transitions": TRANSITIONS,
-        **members,
-    }
-    cls: Any = type(name, (MeteredMachine,), namespace, registry=registry)
-    cls._registry_for_tests = registry
-    return cls
 
 
 # -- what a listener gets ------------------------------------------------------------------

@@ -18,42 +18,15 @@ import anyio.lowlevel
 import opentelemetry.trace  # before the classes: it switches exemplars on
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 import statemachine_metrics
-from statemachine_metrics import MachineError, MeteredMachine, TransitionEvent
+from statemachine_metrics import MachineError, TransitionEvent
+from tests._machines import STATES, metered
 
 pytestmark = pytest.mark.anyio
 
 assert opentelemetry.trace  # imported for its effect
-
-STATES = ["idle", "running", "error"]
-TRANSITIONS: list[Any] = [
-    ["start", "idle", "running"],
-    ["finish", "running", "idle"],
-    ["fail", ["idle", "running"], "error"],
-    ["reset", "error", "idle"],
-    {"trigger": "heartbeat", "source": "running", "dest": None},
-    {"trigger": "restart", "source": "running", "dest": "running"},
-    {"trigger": "start_if", "source": "idle", "dest": "running", "conditions": "allowed"},
-]
-
-
-def metered(name: str = "Worker", **members: Any) -> Any:
-    """A fresh machine class in its own registry, kept as `cls.registry_` (`labelnames` is
-    the class keyword, the rest are class members)."""
-    registry = CollectorRegistry()
-    labelnames = members.pop("labelnames", ())
-    namespace: dict[str, Any] = {
-        "allowed": False,
-        "states": STATES,
-        "transitions": TRANSITIONS,
-        **members,
-    }
-    cls: Any = type(name, (MeteredMachine,), namespace, registry=registry, labelnames=labelnames)
-    cls.registry_ = registry
-    return cls
 
 
 def sample(cls: Any, suffix: str, **labels: str) -> float | None:

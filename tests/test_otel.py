@@ -30,30 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from statemachine_metrics import MachineError, MeteredMachine, TaskMachine, otel
-
-STATES = ["idle", "running", "error"]
-TRANSITIONS: list[Any] = [
-    ["start", "idle", "running"],
-    ["finish", "running", "idle"],
-    ["fail", ["idle", "running"], "error"],
-    ["reset", "error", "idle"],
-    {"trigger": "heartbeat", "source": "running", "dest": None},
-    {"trigger": "start_if", "source": "idle", "dest": "running", "conditions": "allowed"},
-]
-
-
-def metered(name: str = "Worker", base: type[Any] = MeteredMachine, **members: Any) -> Any:
-    """A fresh machine class in its own registry, kept as `cls.registry_`."""
-    registry = CollectorRegistry()
-    namespace: dict[str, Any] = {
-        "allowed": False,
-        "states": STATES,
-        "transitions": TRANSITIONS,
-        **members,
-    }
-    cls: Any = type(name, (base,), namespace, registry=registry)
-    cls.registry_ = registry
-    return cls
+from tests._machines import metered
 
 
 @dataclass
