@@ -42,6 +42,7 @@ __all__ = [
     "fire",
     "fire_exclusive",
     "may",
+    "trigger_method",
 ]
 
 #: Where listeners that raise, and finalize_event callbacks that raise, are reported.
@@ -197,8 +198,8 @@ class Step:
         #: The states the transition enters (a nested one may enter several); set by the
         #: compiler. A state timeout restarts for each.
         self.entered: frozenset[str] = frozenset(() if dest is None else (dest,))
-        # True when this is the only step from its source and has no callbacks: the
-        # trigger may take the fast path. Set by the compiler.
+        # True when this is the only step from its source, moves the machine and has no
+        # callbacks: the trigger may take the fast path. Set by the compiler.
         self.bare = False
         #: The class's prepare_event callbacks, on the first step of each group of
         #: candidates tried together (one group; with nested states, one per level).
@@ -320,6 +321,53 @@ def change_state(machine: MeteredMachine, step: Step, started: float | None = No
     is in: a trigger nested in an earlier callback of this transition may have moved it.
     `started`, on the fast path, is when the trigger began: its latency is observed here.
     """
+    if machine._series is None or machine._state is not step.source or step.dest is None:
+        _change_state(machine, step, started)
+    else:
+        _move(machine, step, started)
+
+
+def _move(machine: MeteredMachine, step: Step, started: float | None) -> None:
+    """`change_state` for an open machine in the step's source state and a step that
+    moves: the common case, in a body of its own (`_change_state` does the rest)."""
+    family = step.family
+    if family.mirror is not None or exemplar_source is not None:
+        _change_state(machine, step, started)
+        return
+    now = _perf_counter()
+    token = machine._token
+    src = step.src
+    dst = step.dst
+    with family.lock:
+        if family.pending:
+            family._drain()
+        family.transitions[step.slot] += 1
+        elapsed = now - family.stays[src].pop(token)
+        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        family.hist_sum[src] += elapsed
+        counts = family.counts
+        counts[src] -= 1
+        counts[dst] += 1
+        family.stays[dst][token] = now
+        machine._series.child._value = dst  # type: ignore[union-attr]
+        machine._state = step.dest  # type: ignore[assignment]
+        if started is not None:
+            latency = now - started
+            tindex = step.tindex
+            bounds = family.trigger_bounds
+            # A trigger that awaited nothing is far below the lowest bucket: no bisection.
+            bucket = 0 if latency <= bounds[0] else bisect_left(bounds, latency)
+            family.trigger_hist[tindex][bucket] += 1
+            family.trigger_sum[tindex] += latency
+    if machine._timers is not None:
+        machine._timers.moved(step.dest, step.entered)
+    if step.listening or machine._listeners is not None:
+        _notify(machine, step, step.source, elapsed)
+
+
+def _change_state(machine: MeteredMachine, step: Step, started: float | None) -> None:
+    """`change_state` for every case: another source state, a closed machine, an internal
+    step, multiprocess mode, exemplars."""
     family = step.family
     now = _perf_counter()
     token = machine._token
@@ -506,7 +554,10 @@ def run_steps(
                 result = callback(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
                     yield result
-        change_state(machine, step)
+        if machine._series is None or machine._state is not step.source or step.dest is None:
+            _change_state(machine, step, None)
+        else:
+            _move(machine, step, None)
         if step.dest is not None:
             if event is not None:
                 hooks = type(machine)._hooks
@@ -610,6 +661,71 @@ async def fire(
         if turn.queue:
             await _run_queue(machine, turn)
         return result
+    finally:
+        if turn.context is not None:
+            _held.reset(turn.context)
+        dispatch.family.triggered(dispatch.index, _perf_counter() - started)
+        _release(machine)
+
+
+def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool]]:
+    """The coroutine function behind ``machine.<trigger>()``.
+
+    For a trigger without machine-level hooks, when the machine's turn is free, it runs
+    the transition itself: a bare step at once (`_move`), and callbacks synchronously
+    until one returns an awaitable, when it takes the turn and awaits the rest
+    (`_resume`). Until then nothing is awaited, so no other task can come between, and
+    holding the turn would change nothing. Anything else (a busy turn, a closed machine,
+    an invalid trigger, instrumentation wrapping `Dispatch.fire`) goes through
+    `dispatch.fire`.
+    """
+    if dispatch.hooks is not None:
+
+        async def hooked(machine: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
+            return await dispatch.fire(machine, dispatch, args, kwargs)
+
+        return hooked
+
+    table = dispatch.steps
+    family = dispatch.family
+
+    async def method(machine: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
+        if machine._owner is None and dispatch.fire is fire and machine._series is not None:
+            steps = table.get(machine._state)
+            if steps is not None:
+                if steps[0].bare:
+                    _move(machine, steps[0], _perf_counter())
+                    return True
+                started = _perf_counter()
+                running = run_steps(machine, steps, args, kwargs)
+                try:
+                    result = running.send(None)
+                except BaseException as exc:
+                    if isinstance(exc, Exception):
+                        family.error(dispatch.name, exc)
+                    family.triggered(dispatch.index, _perf_counter() - started)
+                    raise
+                if result is True or result is False:
+                    family.triggered(dispatch.index, _perf_counter() - started)
+                    return result
+                return await _resume(machine, dispatch, running, result, started)
+        return await dispatch.fire(machine, dispatch, args, kwargs)
+
+    return method
+
+
+async def _resume(
+    machine: MeteredMachine, dispatch: Dispatch, running: _Run, pending: Any, started: float
+) -> bool:
+    """The rest of a transition begun without the turn, from its first awaitable: the
+    turn is taken now, before anything is awaited."""
+    turn = machine._owner = Turn()
+    try:
+        try:
+            return await finish(running, pending, turn)
+        except Exception as exc:
+            dispatch.family.error(dispatch.name, exc)
+            raise
     finally:
         if turn.context is not None:
             _held.reset(turn.context)

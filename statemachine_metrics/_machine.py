@@ -723,7 +723,7 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                     level = getattr(t, "level", None)
                 if len(steps) == 1:
                     only = steps[0]
-                    only.bare = not (
+                    only.bare = only.dest is not None and not (
                         only.prepare
                         or only.conditions
                         or only.before
@@ -810,9 +810,7 @@ def _describe(dispatch: Dispatch) -> str:
 def _trigger_method(
     cls: type[MeteredMachine], trigger: str, dispatch: Dispatch
 ) -> Callable[..., Any]:
-    async def method(self: MeteredMachine, *args: Any, **kwargs: Any) -> bool:
-        return await dispatch.fire(self, dispatch, args, kwargs)
-
+    method = _engine.trigger_method(dispatch)
     method.__name__ = trigger
     method.__qualname__ = f"{cls.__qualname__}.{trigger}"
     method.__doc__ = (
