@@ -25,7 +25,9 @@ __all__ = ["Enum"]
 _E = TypeVar("_E", bound="Enum")
 
 # Attributes a labelled child must not share with its parent through the class.
-_PER_INSTANCE = frozenset({"_lock", "_metrics", "_value", "_labelvalues", "_child_type", "_file"})
+_PER_INSTANCE = frozenset(
+    {"_lock", "_metrics", "_value", "_labelvalues", "_child_type", "_file", "_shown"}
+)
 
 
 _M = TypeVar("_M", bound=Callable[..., None])
@@ -96,6 +98,9 @@ class Enum(MetricWrapperBase):
     # machine family that owns the metric, whose live machines bring them back).
     _removed_hook: Callable[[set[tuple[str, ...]]], None] | None = None
     _file: StateFile | None = None
+    # The series' samples as collect() last exposed them, one per state: reused while the
+    # state is the same, so that a scrape of unchanged series allocates nothing per series.
+    _shown: tuple[Sample, ...] | None = None
 
     def __init__(
         self,
@@ -218,7 +223,7 @@ class Enum(MetricWrapperBase):
         child_type = self._child_type
         if child_type is None:
             shared = {k: v for k, v in vars(self).items() if k not in _PER_INSTANCE}
-            slots = ("_labelvalues", "_value")
+            slots = ("_labelvalues", "_value", "_shown")
             shared["__slots__"] = slots if self._files is None else (*slots, "_file")
             shared["__module__"] = type(self).__module__
             shared["__qualname__"] = type(self).__qualname__
@@ -226,6 +231,7 @@ class Enum(MetricWrapperBase):
         child = object.__new__(child_type)
         child._labelvalues = key
         child._value = 0
+        child._shown = None
         files = self._files
         if files is not None:
             child._file = files.file(key)
@@ -298,7 +304,7 @@ class Enum(MetricWrapperBase):
                 files.hide(key)
 
     def collect(self) -> Iterable[Metric]:
-        return [self._exposed(self._snapshot())]
+        return [self._exposed_series(*self._series())]
 
     def _snapshot(self) -> list[tuple[tuple[str, ...], int]]:
         """The current state of each series: (label values, state index)."""
@@ -307,8 +313,21 @@ class Enum(MetricWrapperBase):
         with self._lock:
             return [(key, child._value) for key, child in self._metrics.items()]
 
+    def _series(self) -> tuple[list[Enum], list[int]]:
+        """Each series (this metric, or its children) and its current state index.
+
+        Two lists and no object per series: a scrape of many series should not feed the
+        garbage collector.
+        """
+        if not self._labelnames:
+            return [self], [self._value]
+        with self._lock:
+            children = list(self._metrics.values())
+        return children, [child._value for child in children]
+
     def _exposed(self, snapshot: list[tuple[tuple[str, ...], int]]) -> Metric:
-        """The metric family for a snapshot, sample for sample what the reference builds."""
+        """The metric family for a `_snapshot()`, sample for sample what the reference
+        builds (made afresh: see `_exposed_series` for the reusing one)."""
         name = self._name
         labelnames = self._labelnames
         states = self._states
@@ -324,16 +343,62 @@ class Enum(MetricWrapperBase):
                 append(_new_tuple(Sample, (name, labels, 1 if i == current else 0, *_NO_MORE)))
         return metric
 
+    def _exposed_series(self, series: list[Enum], states: list[int]) -> Metric:
+        """The metric family of `series` in `states`, sample for sample what the reference
+        builds. Each series keeps the samples it was last exposed with, and makes new ones
+        only for the states whose value changed since."""
+        metric = Metric(self._name, self._documentation, "stateset")
+        samples = metric.samples
+        extend = samples.extend
+        for child, current in zip(series, states):
+            shown = child._shown
+            # Exactly one of a series' samples is 1: the one of the state it was shown in.
+            if shown is None or shown[current][2] != 1:
+                shown = child._shown = self._samples_of(child, current, shown)
+            extend(shown)
+        return metric
+
+    def _samples_of(
+        self, child: Enum, current: int, shown: tuple[Sample, ...] | None
+    ) -> tuple[Sample, ...]:
+        """The samples of `child` in state `current`: those of `shown` (its samples in
+        another state) whose value is unchanged, new ones with the same labels otherwise."""
+        name = self._name
+        if shown is None:
+            series = dict(zip(self._labelnames, child._labelvalues))
+            labels = []
+            for state in self._states:
+                one = series.copy()
+                one[name] = state
+                labels.append(one)
+            # Sample(name, labels, value) without the keyword-aware constructor.
+            return tuple(
+                [
+                    _new_tuple(Sample, (name, one, 1 if i == current else 0, *_NO_MORE))
+                    for i, one in enumerate(labels)
+                ]
+            )
+        return tuple(
+            [
+                sample
+                if sample[2] == (i == current)
+                else _new_tuple(Sample, (name, sample[1], 1 if i == current else 0, *_NO_MORE))
+                for i, sample in enumerate(shown)
+            ]
+        )
+
     def _child_samples(self) -> Iterable[Sample]:
+        name = self._name
+        current = self._value
         return [
-            Sample("", sample.labels, sample.value, None, None)
-            for sample in self._exposed([((), self._value)]).samples
+            Sample("", {name: state}, 1 if i == current else 0, None, None)
+            for i, state in enumerate(self._states)
         ]
 
     def _multi_samples(self) -> Iterable[Sample]:
         return [
             Sample("", sample.labels, sample.value, None, None)
-            for sample in self._exposed(self._snapshot()).samples
+            for sample in self._exposed_series(*self._series()).samples
         ]
 
 
