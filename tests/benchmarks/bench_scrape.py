@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
@@ -49,6 +50,24 @@ def without_gc(run: Callable[[], object]) -> Callable[[], object]:
     return scrape
 
 
+def moving_every_series(
+    enum: Any, count: int, generate: Callable[[], object]
+) -> Callable[[], object]:
+    """A scrape after every series changed state since the last one: nothing to reuse.
+    The state changes (through `enum`, the reference's or the machines' Enum) are timed
+    too, alike on both sides."""
+    turn = [0]
+
+    def scrape() -> object:
+        turn[0] += 1
+        state = STATES[turn[0] % 2]
+        for i in range(count):
+            enum.labels(str(i)).state(state)
+        return generate()
+
+    return scrape
+
+
 def run() -> Table:
     table = Table("Scrape, per scrape", unit="ms/op")
     for count, rounds in ((10_000, 7), (100_000, 3)):
@@ -73,6 +92,21 @@ def run() -> Table:
             ours: (lambda r=registry: generate_latest(r), 1),
         }
         if count == 10_000:
+            moved_anchor = f"{anchor}, every series moved since the last scrape"
+            cases[moved_anchor] = (
+                moving_every_series(
+                    enum, count, lambda r=reference: prometheus_client.generate_latest(r)
+                ),
+                1,
+            )
+            cases[f"{plain}, every series moved since the last scrape"] = (
+                moving_every_series(
+                    cls.metric,
+                    count,
+                    lambda r=registry: prometheus_client.generate_latest(r),
+                ),
+                1,
+            )
             cases[om_anchor] = (lambda r=reference: openmetrics_latest(r), 1)
             cases[f"ours, generate_latest, {count:,} machines, all metrics, OpenMetrics"] = (
                 lambda r=registry: generate_latest(r, openmetrics=True),
@@ -87,10 +121,12 @@ def run() -> Table:
             )
         times = interleaved(cases, rounds=rounds)
         for name, seconds in times.items():
-            if name in (anchor, om_anchor):
+            if name in (anchor, om_anchor) or name.startswith(f"{anchor}, "):
                 table.add(name, seconds)
             elif "OpenMetrics" in name:
                 table.add(name, seconds, om_anchor)
+            elif "moved" in name:
+                table.add(name, seconds, f"{anchor}, every series moved since the last scrape")
             else:
                 table.add(name, seconds, anchor)
         del machines
