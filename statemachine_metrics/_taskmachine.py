@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar, overload
@@ -12,7 +13,8 @@ import anyio
 
 from . import _engine
 from ._engine import change_state
-from ._machine import MeteredMachine
+from ._family import Family, Series
+from ._machine import MeteredMachine, _label_key, _tokens
 from ._tasks import (
     P,
     T,
@@ -22,6 +24,7 @@ from ._tasks import (
     _now,
     _perf_counter,
     _plan,
+    _quick,
     _settle,
     enter,
     exit,
@@ -96,6 +99,28 @@ class TaskMachine(MeteredMachine, abstract=True):
             raise ValueError(f"{owner}: 'start' must be allowed from the initial state {initial!r}")
         leaving = {t.source for t in table if t.dest is not None and t.dest != t.source}
         cls.final_states = frozenset(s for s in cls.state_names() if s not in leaving)
+
+    @classmethod
+    def _moved_in(
+        cls, labels: Mapping[str, object] | None, step: _engine.Step, idle: int, quick: int
+    ) -> Self:
+        """A new machine that took `step` from the initial state at once: what
+        ``cls(labels=labels)`` then the step's trigger do, counted in one locked step
+        (`_attach_moved`). For a caller that checked the step could be taken so
+        (see `_fused`); `MeteredMachine.__init__` must not be overridden."""
+        family = cls._family
+        assert family is not None
+        key = None if labels is None and not family.labelled else _label_key(cls, family, labels)
+        self = object.__new__(cls)
+        # Every slot `MeteredMachine.__init__` sets.
+        self._state = family.states[step.dst]
+        self._owner = None
+        self._waiters = None
+        self._timers = None
+        self._listeners = None
+        self._token = token = next(_tokens)
+        self._series = _attach_moved(family, key, token, step, idle, quick)
+        return self
 
     @classmethod
     def current(cls) -> Self:
@@ -226,4 +251,196 @@ class TaskMachine(MeteredMachine, abstract=True):
             finally:
                 _running.reset(running)
 
-        return call
+        if (
+            not _fuse
+            or first is None
+            or first.dest is None
+            or timed
+            or family.mirror is not None  # multiprocess mode
+            or not _plain_init(cls)
+        ):
+            return call
+        return _fused(cls, func, labels, call, first, final)
+
+
+def _plain_init(cls: type[TaskMachine]) -> bool:
+    """Whether creating a machine of `cls` runs `MeteredMachine`'s own construction."""
+    return cls.__init__ is MeteredMachine.__init__ and cls.__new__ is object.__new__
+
+
+async def _close(machine: TaskMachine) -> None:
+    """End a call's machine: at once when its turn is free (what `aclose` does when it
+    need not wait), else shielded, after the transition that holds the turn."""
+    if machine._owner is None:
+        machine._end()
+    else:
+        with anyio.CancelScope(shield=True):
+            await machine.aclose()
+
+
+#: Whether `TaskMachine.task` may take the fused lifecycle (read when decorating).
+_fuse = True
+
+
+def _fused(
+    cls: type[TaskMachine],
+    func: Callable[P, Coroutine[Any, Any, T]],
+    labels: Callable[P, Mapping[str, object]] | None,
+    slow: Callable[P, Coroutine[Any, Any, T]],
+    first: _engine.Step,
+    final: frozenset[str],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """`call` of `TaskMachine._decorate` with the task's lifecycle fused: the machine is
+    made already moved by ``start`` (`TaskMachine._moved_in`), and when the body
+    returns, ``succeed`` and the close are one locked step (`_detach_moved`).
+
+    Every metric is what the separate steps count (the time in the initial state and
+    the triggers' latencies are observed as zero). A call takes `slow`, the separate steps,
+    when anything but the metrics could see the difference: a listener, instrumentation
+    wrapping `Dispatch.fire`, exemplars (multiprocess mode, timeouts and an own
+    ``__init__`` are ruled out when decorating). The close falls back to them
+    too when the body left the turn taken, closed the machine, or moved it to a state
+    without a bare ``succeed``.
+    """
+    family = cls._family
+    assert family is not None
+    start, succeed, fail, cancel = (cls._triggers[n] for n in _TASK_TRIGGERS)
+    fire = _engine.fire
+    # The buckets of the zero durations the fused steps observe.
+    idle = bisect_left(family.bounds, 0.0)
+    quick = _quick(family)
+    # `succeed`'s step from each state it may leave in the fused close.
+    closing = (
+        {}
+        if succeed.hooks is not None
+        else {
+            state: steps[0]
+            for state, steps in succeed.steps.items()
+            if steps[0].bare and steps[0].dest is not None and state not in final
+        }
+    )
+
+    @functools.wraps(func)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        if first.listening or start.fire is not fire or _engine.exemplar_source is not None:
+            return await slow(*args, **kwargs)
+        machine = cls._moved_in(
+            None if labels is None else labels(*args, **kwargs), first, idle, quick
+        )
+        running = _running.set((machine, _running.get()))
+        try:
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as failure:
+                try:
+                    await _settle(machine, failure, succeed, fail, cancel, final)
+                finally:
+                    await _close(machine)
+                raise
+            series = machine._series
+            step = closing.get(machine._state)
+            if (
+                step is not None
+                and series is not None
+                and machine._owner is None
+                and not step.listening
+                and machine._listeners is None
+                and succeed.fire is fire
+                and _engine.exemplar_source is None
+            ):
+                machine._series = None
+                machine._state = family.states[step.dst]
+                _detach_moved(family, series, machine._token, step, quick)
+                return result
+            try:
+                # No outcome when the body moved the machine to a final state itself.
+                if machine._owner is not None or (
+                    machine._state not in final and not _now(machine, succeed)
+                ):
+                    await _settle(machine, None, succeed, fail, cancel, final)
+            finally:
+                await _close(machine)
+            return result
+        finally:
+            _running.reset(running)
+
+    return call
+
+
+def _attach_moved(
+    family: Family,
+    key: tuple[str, ...] | None,
+    token: int,
+    step: _engine.Step,
+    idle: int,
+    quick: int,
+) -> Series:
+    """`Family.attach` of a machine in the step's source state, then the step at once, in
+    one locked step: every metric as if the machine had been created and the step's
+    trigger had fired, the time in the source state (bucket `idle`) and the trigger's
+    latency (bucket `quick`) observed as zero. Not in multiprocess mode."""
+    now = _perf_counter()
+    dst = step.dst
+    lock = family.lock
+    lock.acquire()  # cheaper than `with`, on the path of every call of a task
+    try:
+        if family.pending:
+            family._drain()
+        if key is None:
+            series = family.single
+            assert series is not None
+        else:
+            series = family.series.get(key)
+            metric = family.metric
+            if series is None:
+                series = family.series[key] = Series(metric._child(key), key)
+            elif metric._metrics.get(key) is not series.child:
+                # Removed from the Enum while machines were bound to it: back, as attach.
+                series.child = metric._child(key)
+        series.live += 1
+        series.child._value = dst
+        family.counts[dst] += 1
+        family.stays[dst][token] = now
+        family.transitions[step.slot] += 1
+        family.hist[step.src][idle] += 1
+        family.trigger_hist[step.tindex][quick] += 1
+        return series
+    finally:
+        lock.release()
+
+
+def _detach_moved(
+    family: Family, series: Series, token: int, step: _engine.Step, quick: int
+) -> None:
+    """The step at once for a live machine in its source state, then `Family.detach` in
+    its destination, in one locked step: every metric as if the step's trigger had
+    fired (its latency observed as zero, in bucket `quick`) and the machine had then
+    been closed. Not in multiprocess mode."""
+    now = _perf_counter()
+    src = step.src
+    dst = step.dst
+    lock = family.lock
+    lock.acquire()
+    try:
+        if family.pending:
+            family._drain()
+        family.transitions[step.slot] += 1
+        elapsed = now - family.stays[src].pop(token)
+        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        family.hist_sum[src] += elapsed
+        family.trigger_hist[step.tindex][quick] += 1
+        series.child._value = dst
+        if series.key is None or series.live > 1:
+            # The label set stays: the machine only leaves the counts.
+            family.counts[src] -= 1
+            series.live -= 1
+            return
+        counts = family.counts
+        counts[src] -= 1
+        counts[dst] += 1
+        if not family._detach(series, dst, token):
+            # The Enum's lock is taken: detached later, by the lock's next holder.
+            family.stays[dst][token] = now
+            family.pending.append((series, dst, token))
+    finally:
+        lock.release()
