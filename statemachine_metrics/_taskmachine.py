@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import anyio
 
-from . import _engine
+from . import _engine, _tasks
 from ._engine import change_state
 from ._family import Family, Series
 from ._machine import MeteredMachine, _label_key, _tokens
@@ -252,7 +252,7 @@ class TaskMachine(MeteredMachine, abstract=True):
                 _running.reset(running)
 
         if (
-            not _fuse
+            not _tasks._fuse
             or first is None
             or first.dest is None
             or timed
@@ -276,10 +276,6 @@ async def _close(machine: TaskMachine) -> None:
     else:
         with anyio.CancelScope(shield=True):
             await machine.aclose()
-
-
-#: Whether `TaskMachine.task` may take the fused lifecycle (read when decorating).
-_fuse = True
 
 
 def _fused(

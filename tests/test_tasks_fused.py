@@ -1,0 +1,336 @@
+"""The one-step paths of `TaskMachine.task` and `track()`, against the engine's path.
+
+A task whose state changes only the metrics can see is made already started and closed in
+the same locked step as ``succeed``; a tracked call's triggers are one locked step each.
+The same jobs run with those paths on and forced off must export the same samples (all
+but timings' values) and the same listener events and spans; where anything but the
+metrics could see the difference, the one-step paths must not be taken at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from statemachine_metrics import (
+    MeteredMachine,
+    TaskMachine,
+    TransitionEvent,
+    _engine,
+    _taskmachine,
+    _tasks,
+)
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+
+class Boom(Exception):
+    pass
+
+
+KINDS = ("ok", "error", "cancel", "group error", "group cancel", "final", "listen", "close")
+SHARDS = ("a", "b")
+Event = tuple[str, str, str, bool]
+Sample = tuple[str, tuple[tuple[str, str], ...], float | None]
+
+
+class Taken:
+    """How often each one-step path ran."""
+
+    def __init__(self) -> None:
+        self.counts = {"_attach_moved": 0, "_detach_moved": 0, "_moved": 0}
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
+    """Counts the one-step paths taken; exemplars off (OpenTelemetry's API, imported by
+    other tests, turns them on for classes made afterwards), so that they may be."""
+    seen = Taken()
+    monkeypatch.setattr(_engine, "exemplar_source", None)
+    for module, name in (
+        (_taskmachine, "_attach_moved"),
+        (_taskmachine, "_detach_moved"),
+        (_tasks, "_moved"),
+    ):
+        real = getattr(module, name)
+
+        def counting(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            seen.counts[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, counting)
+    return seen
+
+
+def fusing(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    monkeypatch.setattr(_tasks, "_fuse", on)
+
+
+def exported(registry: CollectorRegistry) -> list[Sample]:
+    """Every sample, in exposition order; timings' values (time in a state, trigger
+    latencies, ages, creation times) left out, except how many were observed."""
+    samples: list[Sample] = []
+    for metric in registry.collect():
+        timed = metric.name.endswith(("_duration_seconds", "_oldest_seconds"))
+        for s in metric.samples:
+            value: float | None = s.value
+            timing = timed and not (s.name.endswith("_count") or s.labels.get("le") == "+Inf")
+            if timing or s.name.endswith("_created"):
+                value = None
+            samples.append((s.name, tuple(sorted(s.labels.items())), value))
+    return samples
+
+
+def task_class(labelled: bool, **members: Any) -> tuple[type[TaskMachine], CollectorRegistry]:
+    registry = CollectorRegistry()
+    keywords: dict[str, Any] = {"registry": registry, "namespace": "fused"}
+    if labelled:
+        keywords["labelnames"] = ("shard",)
+    cls = type(TaskMachine)("Jobs", (TaskMachine,), {"__slots__": (), **members}, **keywords)
+    return cls, registry
+
+
+async def _boom() -> None:
+    await anyio.lowlevel.checkpoint()
+    raise Boom
+
+
+async def body(kind: str, machine: MeteredMachine, events: list[Event]) -> str:
+    """The body of a job that ends as `kind` says."""
+    if kind == "group cancel":
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep_forever)
+            await anyio.sleep_forever()
+    await anyio.lowlevel.checkpoint()
+    if kind == "error":
+        raise Boom
+    if kind == "group error":
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_boom)
+    if kind == "final":
+        await machine.trigger("fail")
+    if kind == "listen":
+
+        def listener(e: TransitionEvent) -> None:
+            events.append((e.trigger, e.source, e.dest, e.internal))
+
+        machine.add_listener(listener)
+    if kind == "close":
+        await machine.aclose()
+    return kind
+
+
+def described(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return f"{type(exc).__name__}({', '.join(map(described, exc.exceptions))})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def run_jobs(
+    job: Callable[[str, str], Any], plan: list[tuple[str, str]], concurrent: bool
+) -> list[str]:
+    """Run the jobs of `plan` (kind, shard), one after another or all at once; how each
+    ended."""
+    ends: list[str] = [""] * len(plan)
+
+    async def one(i: int, kind: str, shard: str) -> None:
+        with anyio.CancelScope() as scope:
+            if kind in ("cancel", "group cancel"):
+                scope.cancel()
+            try:
+                ends[i] = await job(kind, shard)
+            except Exception as exc:
+                ends[i] = described(exc)
+        if scope.cancelled_caught:
+            ends[i] = "cancelled"
+
+    if concurrent:
+        async with anyio.create_task_group() as tg:
+            for i, (kind, shard) in enumerate(plan):
+                tg.start_soon(one, i, kind, shard)
+    else:
+        for i, (kind, shard) in enumerate(plan):
+            await one(i, kind, shard)
+    return ends
+
+
+def run_tasks(
+    backend: str, labelled: bool, plan: list[tuple[str, str]], concurrent: bool, **members: Any
+) -> tuple[list[str], list[Sample], list[Event]]:
+    cls, registry = task_class(labelled, **members)
+    events: list[Event] = []
+
+    @cls.task(labels=(lambda kind, shard: {"shard": shard}) if labelled else None)
+    async def job(kind: str, shard: str) -> str:
+        return await body(kind, cls.current(), events)
+
+    ends = anyio.run(run_jobs, job, plan, concurrent, backend=backend)
+    return ends, exported(registry), events
+
+
+plans = st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(SHARDS)), max_size=8)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=plans, labelled=st.booleans(), concurrent=st.booleans())
+def test_fused_task_exports_what_the_engine_path_does(
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    taken: Taken,
+    plan: list[tuple[str, str]],
+    labelled: bool,
+    concurrent: bool,
+) -> None:
+    taken.reset()
+    fusing(monkeypatch, False)
+    slow = run_tasks(anyio_backend, labelled, plan, concurrent)
+    assert taken.total() == 0
+    fusing(monkeypatch, True)
+    fast = run_tasks(anyio_backend, labelled, plan, concurrent)
+    if concurrent:
+        # trio runs ready tasks in an order of its own choosing: the same calls end the
+        # same ways, but events and new label sets may come in another order, and the
+        # Enum shows the state of whichever machine of a label set moved last.
+        assert fast[0] == slow[0]
+        assert sorted(s for s in fast[1] if s[0] != "fused_jobs_state") == sorted(
+            s for s in slow[1] if s[0] != "fused_jobs_state"
+        )
+        assert sorted(fast[2]) == sorted(slow[2])
+    else:
+        assert fast == slow
+    # Every call is made started in one step; each that returned without leaving the
+    # turn taken, the machine closed or a listener on it, closes in one step.
+    assert taken.counts["_attach_moved"] == len(plan)
+    assert taken.counts["_detach_moved"] == plan.count(("ok", "a")) + plan.count(("ok", "b"))
+
+
+def test_fused_task_counts_like_the_engine_path_in_detail(
+    monkeypatch: pytest.MonkeyPatch, taken: Taken
+) -> None:
+    """The samples a fused call changes, spelled out: it started, succeeded, its time in
+    each state and its triggers' latencies were observed, and it left the counts."""
+    fusing(monkeypatch, True)
+    ends, samples, _ = run_tasks("asyncio", True, [("ok", "a")], False)
+    assert ends == ["ok"]
+    counted = {(name, labels): value for name, labels, value in samples if value}
+    state = "fused_jobs_state"
+    assert counted == {
+        (
+            f"{state}_transitions_total",
+            (("from", "pending"), ("to", "running"), ("trigger", "start")),
+        ): 1,
+        (
+            f"{state}_transitions_total",
+            (("from", "running"), ("to", "succeeded"), ("trigger", "succeed")),
+        ): 1,
+        (f"{state}_duration_seconds_bucket", ((state, "pending"), ("le", "+Inf"))): 1,
+        (f"{state}_duration_seconds_count", ((state, "pending"),)): 1,
+        (f"{state}_duration_seconds_bucket", ((state, "running"), ("le", "+Inf"))): 1,
+        (f"{state}_duration_seconds_count", ((state, "running"),)): 1,
+        (f"{state}_trigger_duration_seconds_bucket", (("le", "+Inf"), ("trigger", "start"))): 1,
+        (f"{state}_trigger_duration_seconds_count", (("trigger", "start"),)): 1,
+        (f"{state}_trigger_duration_seconds_bucket", (("le", "+Inf"), ("trigger", "succeed"))): 1,
+        (f"{state}_trigger_duration_seconds_count", (("trigger", "succeed"),)): 1,
+    }
+    # No machine left, and the label set went with its last machine.
+    assert not [s for s in samples if s[0] == state]
+    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_moved": 0}
+
+
+# -- track() ---------------------------------------------------------------------------
+
+
+def worker_class(**members: Any) -> tuple[type[MeteredMachine], CollectorRegistry]:
+    registry = CollectorRegistry()
+    namespace = {
+        "states": ["idle", "running", "error"],
+        "transitions": [
+            ["start", "idle", "running"],
+            ["finish", "running", "idle"],
+            ["fail", "running", "error"],
+            ["drop", "running", "idle"],
+            ["reset", "error", "idle"],
+        ],
+        **members,
+    }
+    cls = type(MeteredMachine)("Worker", (MeteredMachine,), namespace, registry=registry)
+    return cls, registry
+
+
+TRACK_KINDS = ("ok", "error", "cancel", "group error", "listen", "reset")
+
+
+def run_tracked(
+    backend: str, plan: list[tuple[str, bool]], **members: Any
+) -> tuple[list[str], list[Sample], list[Event]]:
+    """Jobs on one worker, one after another, each tracked by the decorator or by
+    ``async with``."""
+    cls, registry = worker_class(**members)
+    worker = cls()
+    events: list[Event] = []
+    tracker = worker.track(enter="start", success="finish", error="fail", cancel="drop")
+
+    async def job(kind: str) -> str:
+        if kind == "reset":
+            await anyio.lowlevel.checkpoint()
+            await worker.trigger("fail")  # the body fails the worker itself: a MachineError follows
+            return kind
+        return await body(kind, worker, events)
+
+    decorated = tracker(job)
+
+    async def either(kind: str, shard: str) -> str:
+        if shard == "a":
+            return await decorated(kind)
+        async with tracker:
+            return await job(kind)
+
+    jobs = [(kind, "a" if use_decorator else "b") for kind, use_decorator in plan]
+
+    async def main() -> list[str]:
+        ends = await run_jobs(either, jobs, False)
+        if worker.state == "error":
+            await worker.trigger("reset")
+        await worker.aclose()
+        return ends
+
+    ends = anyio.run(main, backend=backend)
+    return ends, exported(registry), events
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=st.lists(st.tuples(st.sampled_from(TRACK_KINDS), st.booleans()), max_size=8))
+def test_one_step_track_exports_what_the_engine_path_does(
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    taken: Taken,
+    plan: list[tuple[str, bool]],
+) -> None:
+    taken.reset()
+    fusing(monkeypatch, False)
+    slow = run_tracked(anyio_backend, plan)
+    assert taken.total() == 0
+    fusing(monkeypatch, True)
+    fast = run_tracked(anyio_backend, plan)
+    assert fast == slow
+    if plan and plan[0][0] != "listen":
+        assert taken.counts["_moved"] > 0  # at least the first job's start
