@@ -40,7 +40,7 @@ class Boom(Exception):
 KINDS = ("ok", "error", "cancel", "group error", "group cancel", "final", "listen", "close")
 SHARDS = ("a", "b")
 Event = tuple[str, str, str, bool]
-Sample = tuple[str, tuple[tuple[str, str], ...], float | None]
+Sample = tuple[str, tuple[tuple[str, str], ...], float | None, object]
 
 
 class Taken:
@@ -82,8 +82,9 @@ def fusing(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
 
 
 def exported(registry: CollectorRegistry) -> list[Sample]:
-    """Every sample, in exposition order; timings' values (time in a state, trigger
-    latencies, ages, creation times) left out, except how many were observed."""
+    """Every sample and its exemplar's labels, in exposition order; timings' values
+    (time in a state, trigger latencies, ages, creation times) left out, except how
+    many were observed."""
     samples: list[Sample] = []
     for metric in registry.collect():
         timed = metric.name.endswith(("_duration_seconds", "_oldest_seconds"))
@@ -92,7 +93,11 @@ def exported(registry: CollectorRegistry) -> list[Sample]:
             timing = timed and not (s.name.endswith("_count") or s.labels.get("le") == "+Inf")
             if timing or s.name.endswith("_created"):
                 value = None
-            samples.append((s.name, tuple(sorted(s.labels.items())), value))
+            # Which bucket holds a duration's exemplar depends on the duration too.
+            exemplar = None
+            if s.exemplar is not None and not timed:
+                exemplar = sorted(s.exemplar.labels.items())
+            samples.append((s.name, tuple(sorted(s.labels.items())), value, exemplar))
     return samples
 
 
@@ -170,9 +175,16 @@ async def run_jobs(
 
 
 def run_tasks(
-    backend: str, labelled: bool, plan: list[tuple[str, str]], concurrent: bool, **members: Any
+    backend: str,
+    labelled: bool,
+    plan: list[tuple[str, str]],
+    concurrent: bool,
+    setup: Callable[[Any], None] | None = None,
+    **members: Any,
 ) -> tuple[list[str], list[Sample], list[Event]]:
     cls, registry = task_class(labelled, **members)
+    if setup is not None:
+        setup(cls)
     events: list[Event] = []
 
     @cls.task(labels=(lambda kind, shard: {"shard": shard}) if labelled else None)
@@ -229,7 +241,7 @@ def test_fused_task_counts_like_the_engine_path_in_detail(
     fusing(monkeypatch, True)
     ends, samples, _ = run_tasks("asyncio", True, [("ok", "a")], False)
     assert ends == ["ok"]
-    counted = {(name, labels): value for name, labels, value in samples if value}
+    counted = {(name, labels): value for name, labels, value, _ in samples if value}
     state = "fused_jobs_state"
     assert counted == {
         (
@@ -278,11 +290,16 @@ TRACK_KINDS = ("ok", "error", "cancel", "group error", "listen", "reset")
 
 
 def run_tracked(
-    backend: str, plan: list[tuple[str, bool]], **members: Any
+    backend: str,
+    plan: list[tuple[str, bool]],
+    setup: Callable[[Any], None] | None = None,
+    **members: Any,
 ) -> tuple[list[str], list[Sample], list[Event]]:
     """Jobs on one worker, one after another, each tracked by the decorator or by
     ``async with``."""
     cls, registry = worker_class(**members)
+    if setup is not None:
+        setup(cls)
     worker = cls()
     events: list[Event] = []
     tracker = worker.track(enter="start", success="finish", error="fail", cancel="drop")
@@ -305,10 +322,10 @@ def run_tracked(
     jobs = [(kind, "a" if use_decorator else "b") for kind, use_decorator in plan]
 
     async def main() -> list[str]:
-        ends = await run_jobs(either, jobs, False)
-        if worker.state == "error":
-            await worker.trigger("reset")
-        await worker.aclose()
+        async with worker:  # its timeouts, if any, run
+            ends = await run_jobs(either, jobs, False)
+            if worker.state == "error":
+                await worker.trigger("reset")
         return ends
 
     ends = anyio.run(main, backend=backend)
@@ -334,3 +351,125 @@ def test_one_step_track_exports_what_the_engine_path_does(
     assert fast == slow
     if plan and plan[0][0] != "listen":
         assert taken.counts["_moved"] > 0  # at least the first job's start
+
+
+# -- where the one-step paths must not be taken ------------------------------------------
+
+FALLBACK_PLAN = [("ok", "a"), ("error", "b"), ("cancel", "a"), ("final", "a"), ("ok", "a")]
+FALLBACK_TRACK = [("ok", True), ("ok", False), ("error", True), ("reset", False), ("ok", True)]
+
+
+def noted(events: list[Event]) -> Callable[[TransitionEvent], None]:
+    def listener(e: TransitionEvent) -> None:
+        events.append((e.trigger, e.source, e.dest, e.internal))
+
+    return listener
+
+
+def both_ways(
+    monkeypatch: pytest.MonkeyPatch,
+    taken: Taken,
+    run: Callable[[], Any],
+    untouched: tuple[str, ...] = ("_attach_moved", "_detach_moved", "_moved"),
+) -> tuple[Any, Any]:
+    """`run` with the one-step paths forced off, then on: the same results, and the
+    `untouched` paths never taken."""
+    fusing(monkeypatch, False)
+    slow = run()
+    fusing(monkeypatch, True)
+    fast = run()
+    assert fast == slow
+    assert {name: taken.counts[name] for name in untouched} == dict.fromkeys(untouched, 0)
+    return slow, fast
+
+
+TASK_PATHS = ("_attach_moved", "_detach_moved")
+
+
+@pytest.mark.parametrize(
+    ("members", "untouched"),
+    [
+        # Timers: a task's machine is entered, so is the worker (`run_tracked`).
+        pytest.param(
+            {"timeouts": {"running": (60.0, "fail")}}, (*TASK_PATHS, "_moved"), id="timeouts"
+        ),
+        # `start` has a callback: no task is made started; `finish` may still be one step.
+        pytest.param({"on_enter_running": "note"}, TASK_PATHS, id="callback entering running"),
+        # `succeed` and `finish` have a callback.
+        pytest.param(
+            {"on_exit_running": "note"}, ("_detach_moved",), id="callback leaving running"
+        ),
+        pytest.param({"prepare_event": "noted"}, (*TASK_PATHS, "_moved"), id="machine-level hook"),
+        pytest.param({"__init__": "own"}, TASK_PATHS, id="own __init__"),
+    ],
+)
+def test_a_class_the_fused_paths_cannot_serve_takes_the_engine_path(
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    taken: Taken,
+    members: dict[str, Any],
+    untouched: tuple[str, ...],
+) -> None:
+    calls: list[str] = []
+
+    def note(self: Any, *args: Any) -> None:
+        calls.append(self.state)
+
+    def own(self: Any, **kwargs: Any) -> None:
+        calls.append("init")
+        MeteredMachine.__init__(self, **kwargs)
+
+    functions = {"own": own, "note": note}
+    members = {k: functions.get(v, v) if isinstance(v, str) else v for k, v in members.items()}
+    members["noted"] = note
+
+    def run() -> Any:
+        calls.clear()
+        tasks = run_tasks(anyio_backend, False, FALLBACK_PLAN, False, **members)
+        tracked = run_tracked(anyio_backend, FALLBACK_TRACK, **members)
+        return tasks, tracked, list(calls)
+
+    slow, _ = both_ways(monkeypatch, taken, run, untouched)
+    if "timeouts" not in members:
+        assert slow[2], "the class's own code ran"
+
+
+def test_listeners_of_the_class_are_served_by_the_engine_path(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, taken: Taken
+) -> None:
+    def run() -> tuple[Any, list[Event], Any, list[Event]]:
+        task_events: list[Event] = []
+        track_events: list[Event] = []
+        task_listener, track_listener = noted(task_events), noted(track_events)
+        tasks = run_tasks(
+            anyio_backend,
+            False,
+            FALLBACK_PLAN,
+            False,
+            setup=lambda c: c.add_listener(task_listener),
+        )
+        tracked = run_tracked(
+            anyio_backend, FALLBACK_TRACK, setup=lambda c: c.add_listener(track_listener)
+        )
+        return tasks, task_events, tracked, track_events
+
+    slow, _ = both_ways(monkeypatch, taken, run)
+    assert ("start", "pending", "running", False) in slow[1]
+    assert ("finish", "running", "idle", False) in slow[3]
+
+
+def test_exemplars_are_served_by_the_engine_path(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, taken: Taken
+) -> None:
+    monkeypatch.setattr(_engine, "exemplar_source", lambda: {"trace_id": "ab" * 16})
+
+    def run() -> tuple[Any, ...]:
+        return (
+            run_tasks(anyio_backend, False, FALLBACK_PLAN, False),
+            run_tracked(anyio_backend, FALLBACK_TRACK),
+        )
+
+    slow, _ = both_ways(monkeypatch, taken, run)
+    tasks, tracked = slow
+    for _, samples, _ in (tasks, tracked):
+        assert [s for s in samples if s[3] == [("trace_id", "ab" * 16)]]
