@@ -58,10 +58,11 @@ class Taken:
 
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
-    """Counts the one-step paths taken; exemplars off (OpenTelemetry's API, imported by
-    other tests, turns them on for classes made afterwards), so that they may be."""
+    """Counts the one-step paths taken; exemplars off (OpenTelemetry's API, once imported
+    by any test, turns them on whenever a class is made), so that they may be taken."""
     seen = Taken()
     monkeypatch.setattr(_engine, "exemplar_source", None)
+    monkeypatch.setattr(_engine, "use_opentelemetry_exemplars", lambda: None)
     for module, name in (
         (_taskmachine, "_attach_moved"),
         (_taskmachine, "_detach_moved"),
@@ -473,3 +474,73 @@ def test_exemplars_are_served_by_the_engine_path(
     tasks, tracked = slow
     for _, samples, _ in (tasks, tracked):
         assert [s for s in samples if s[3] == [("trace_id", "ab" * 16)]]
+
+
+def test_instrumented_classes_are_served_by_the_engine_path(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, taken: Taken
+) -> None:
+    """OpenTelemetry instrumentation wraps `Dispatch.fire`: every trigger is a span,
+    whichever way the one-step paths are set."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from statemachine_metrics import otel
+
+    def run() -> tuple[Any, ...]:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        classes: list[Any] = []
+        with otel.instrument(tracer_provider=provider):
+            tasks = run_tasks(anyio_backend, False, FALLBACK_PLAN, False, setup=classes.append)
+            tracked = run_tracked(anyio_backend, FALLBACK_TRACK, setup=classes.append)
+        provider.shutdown()
+        # Each run has traces of its own: the samples keep whether they have an exemplar.
+        tasks, tracked = (
+            (ends, [(*sample[:3], sample[3] is not None) for sample in samples], events)
+            for ends, samples, events in (tasks, tracked)
+        )
+        spans = [
+            (span.name, sorted((span.attributes or {}).items()), span.status.status_code)
+            for span in exporter.get_finished_spans()
+        ]
+        return tasks, tracked, spans
+
+    slow, _ = both_ways(monkeypatch, taken, run)
+    names = {name for name, _, _ in slow[2]}
+    assert {"Jobs start", "Jobs succeed", "Worker start", "Worker finish"} <= names, names
+
+
+def test_a_fused_call_s_machine_is_what_construction_and_start_make(
+    monkeypatch: pytest.MonkeyPatch, taken: Taken
+) -> None:
+    """Every slot `MeteredMachine.__init__` sets is set on a machine made started, as
+    ``cls(labels=...)`` then ``start`` would have; it ends closed, in ``succeeded``."""
+    fusing(monkeypatch, True)
+    cls, _ = task_class(True)
+    slots = [name for name in MeteredMachine.__slots__ if name != "__weakref__"]
+    seen: dict[str, Any] = {}
+
+    @cls.task(labels=lambda: {"shard": "a"})
+    async def job() -> TaskMachine:
+        machine = cls.current()
+        seen.update((name, getattr(machine, name)) for name in slots)
+        seen["labels"], seen["closed"] = machine.labels, machine.closed
+        return machine
+
+    async def main() -> tuple[TaskMachine, dict[str, Any]]:
+        machine = await job()
+        reference = cls(labels={"shard": "a"})
+        await reference.trigger("start")
+        made = {name: getattr(reference, name) for name in slots}
+        made["labels"], made["closed"] = reference.labels, reference.closed
+        await reference.aclose()
+        return machine, made
+
+    machine, made = anyio.run(main)
+    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_moved": 0}
+    for different in ("_token", "_series"):
+        assert seen.pop(different) != made.pop(different)
+    assert seen == made
+    assert (machine.state, machine.closed) == ("succeeded", True)
