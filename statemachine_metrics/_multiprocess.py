@@ -42,6 +42,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ __all__ = [
     "FamilyMirror",
     "LiveFile",
     "StateFile",
+    "ValueFile",
     "check_labelnames",
     "enabled",
     "family_mirror",
@@ -86,6 +88,25 @@ class FamilyMirror(Protocol):
     def moved(self, key: Key | None, src: int, dst: int, slot: int, elapsed: float) -> None:
         """A live machine bound to `key` ran transition `slot`, from `src` to `dst`."""
 
+    def transition(
+        self,
+        key: Key | None,
+        src: int,
+        dst: int,
+        slot: int,
+        elapsed: float,
+        now: float,
+        first: bool,
+        empty: bool,
+        tindex: int,
+        latency: float | None,
+    ) -> None:
+        """All that one transition of a live machine writes, in one call: `moved`; the
+        oldest entry time of `src` if the machine was its longest-staying (`first`), and
+        of `dst` if no machine was there (`empty`), `now` being the ``perf_counter()``
+        time it entered `dst`; and `triggered(tindex, latency)` unless `latency` is None.
+        """
+
     def counted(self, slot: int) -> None:
         """Transition `slot` ran and no state change is shown (an internal transition)."""
 
@@ -113,6 +134,8 @@ class _Value(Protocol):
     def inc(self, amount: float) -> None: ...
 
     def set(self, value: float, timestamp: float | None = None) -> None: ...
+
+    def get(self) -> float: ...
 
 
 def enabled() -> bool:
@@ -166,7 +189,8 @@ _DOUBLE = struct.Struct("d")
 _TWO_DOUBLES = struct.Struct("dd")
 _MIN_CAPACITY = 1 << 16
 _DEAD_SLACK = 1 << 14
-_PACKED = {0.0: _DOUBLE.pack(0.0), 1.0: _DOUBLE.pack(1.0)}
+# What a file's doubles are before it is mapped: writing there is a bug, and raises.
+_NO_DOUBLES = memoryview(b"").cast("d")
 
 
 def _entry_head(key: str) -> bytes:
@@ -179,7 +203,7 @@ class Group:
     """Entries of the live file that come and go together (one Enum series).
 
     `values` is the truth the file is rebuilt from; `positions` are where the values sit
-    in the current file (rewritten by a compaction).
+    in the current file, in doubles from its start (rewritten by a compaction).
     """
 
     __slots__ = ("heads", "positions", "size", "values")
@@ -202,6 +226,8 @@ class LiveFile:
     def __init__(self) -> None:
         self.groups: dict[Group, None] = {}  # live groups, in file order
         self.mm: mmap.mmap | None = None
+        # The file as doubles: a value is written by one 8-byte store.
+        self.doubles: memoryview[float] = _NO_DOUBLES
         self.fd = -1
         self.pid = 0
         self.used = 8
@@ -225,7 +251,7 @@ class LiveFile:
         for i, head in enumerate(group.heads):
             chunks.append(head)
             position += len(head)
-            group.positions[i] = position
+            group.positions[i] = position >> 3
             chunks.append(_TWO_DOUBLES.pack(group.values[i], 0.0))
             position += 16
         mm[self.used : position] = b"".join(chunks)
@@ -235,10 +261,7 @@ class LiveFile:
 
     def set(self, group: Group, index: int, value: float) -> None:
         group.values[index] = value
-        mm = self.mm
-        if mm is not None:
-            position = group.positions[index]
-            mm[position : position + 8] = _PACKED.get(value) or _DOUBLE.pack(value)
+        self.doubles[group.positions[index]] = value
 
     def remove(self, group: Group) -> None:
         """Forget `group`: it shows nothing at once, and leaves the file soon."""
@@ -279,7 +302,7 @@ class LiveFile:
             for i, head in enumerate(group.heads):
                 chunks.append(head)
                 position += len(head)
-                positions[i] = position
+                positions[i] = position >> 3
                 chunks.append(_TWO_DOUBLES.pack(group.values[i], 0.0))
                 position += 16
         chunks[0] = _INT.pack(position) + b"\0\0\0\0"
@@ -299,11 +322,14 @@ class LiveFile:
             raise
         self._close()
         self.mm, self.fd, self.pid = mm, fd, pid
+        self.doubles = memoryview(mm).cast("d")
         self.used, self.capacity, self.dead_bytes = position, capacity, 0
         self.rewrites += 1
 
     def _close(self) -> None:
         if self.mm is not None:
+            self.doubles.release()  # a stale holder fails instead of writing
+            self.doubles = _NO_DOUBLES
             self.mm.close()
             os.close(self.fd)
             self.mm, self.fd = None, -1
@@ -364,7 +390,8 @@ def _shared_file_warning(path: str) -> None:
 class StateFile:
     """One Enum series in the live file: an entry per state.
 
-    `current` is the state written at 1, or -1 when the series shows none.
+    `current` is the state written at 1, or -1 once the series left the file: it is
+    written no more, as a compaction may give its places to other entries.
     """
 
     __slots__ = ("current", "group")
@@ -376,12 +403,15 @@ class StateFile:
     def show(self, index: int) -> None:
         """Show state `index` (under `_lock`)."""
         current = self.current
-        if current != index:
+        if current != index and current >= 0:
+            group = self.group
+            values, positions, doubles = group.values, group.positions, _live.doubles
             # The old state goes to 0 first: a concurrent scrape may see no state at 1 for
             # an instant, never two.
-            if current >= 0:
-                _live.set(self.group, current, 0.0)
-            _live.set(self.group, index, 1.0)
+            values[current] = 0.0
+            doubles[positions[current]] = 0.0
+            values[index] = 1.0
+            doubles[positions[index]] = 1.0
             self.current = index
 
 
@@ -448,60 +478,201 @@ class EnumFiles:
                 _live.remove(file.group)
 
 
+# -- prometheus_client's value files, written in place --------------------------------------
+
+
+class ValueFile:
+    """Our own map of one of prometheus_client's value files of this process.
+
+    prometheus_client's `MmapedDict` alone appends entries to the file (for our values
+    too, when its value class makes them); we only find where an entry's value sits and
+    store it there, as one 8-byte write. Entries never move, so a map of the file's start
+    stays right as the file grows: a longer map is made only for entries beyond it, and
+    the older maps, which families may still hold, stay valid.
+    """
+
+    __slots__ = ("doubles", "fd", "maps", "path", "positions", "scanned")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        self.maps: list[tuple[mmap.mmap, memoryview[float]]] = []
+        self.doubles = _NO_DOUBLES
+        self.scanned = 8
+        # Every key of the file, to the index (in doubles) of its value.
+        self.positions: dict[str, int] = {}
+
+    def find(self, key: str) -> int | None:
+        """Where `key`'s value is in `doubles`, or None if the file has no such entry."""
+        index = self.positions.get(key)
+        if index is None:
+            self._scan()
+            index = self.positions.get(key)
+        return index
+
+    def _scan(self) -> None:
+        """Read the entries appended since the last scan."""
+        used = int(_INT.unpack(os.pread(self.fd, 4, 0))[0])
+        if used > self.doubles.nbytes:
+            size = os.fstat(self.fd).st_size
+            size -= size % 8
+            if size < used:
+                return  # not the format we know: nothing is found, values take the slow path
+            mm = mmap.mmap(self.fd, size)
+            self.doubles = memoryview(mm).cast("d")
+            self.maps.append((mm, self.doubles))
+        data = self.doubles.cast("B")
+        position, positions = self.scanned, self.positions
+        try:
+            while position < used:
+                length = _INT.unpack_from(data, position)[0]
+                start = position + 4
+                position = start + length + 8 - (length + 4) % 8
+                if length <= 0 or position + 16 > used:
+                    break
+                positions[bytes(data[start : start + length]).decode("utf-8")] = position >> 3
+                position += 16
+                self.scanned = position
+        finally:
+            data.release()
+
+    def close(self) -> None:
+        for mm, doubles in self.maps:
+            doubles.release()  # a stale holder fails instead of writing
+            mm.close()
+        self.maps.clear()
+        self.doubles = _NO_DOUBLES
+        os.close(self.fd)
+
+
+class _Values:
+    """Values written through prometheus_client's value class, indexed as a file's doubles
+    are: where an entry cannot be found in a file we can map (another value class, another
+    file format), it is written the slow way, and correctly."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Sequence[_Value]) -> None:
+        self.values = list(values)
+
+    def __getitem__(self, index: int) -> float:
+        with _lock:
+            return self.values[index].get()
+
+    def __setitem__(self, index: int, value: float) -> None:
+        # Under `_lock`, which a fork waits for: the child must not inherit
+        # prometheus_client's lock held by a thread of ours.
+        with _lock:
+            self.values[index].set(float(value))
+
+
+#: A value of ours in one of prometheus_client's files: its value object (which made the
+#: entry) and its key there.
+_Cell = tuple["_Value", str]
+
+
+def _value_file(value: _Value) -> ValueFile | None:
+    """Our map of the file prometheus_client keeps `value` in, if it says which."""
+    path = getattr(getattr(value, "_file", None), "_fname", None)
+    if not isinstance(path, str):
+        return None
+    file = _value_files.get(path)
+    if file is None:
+        try:
+            file = _value_files[path] = ValueFile(path)
+        except (OSError, ValueError):
+            return None
+    return file
+
+
+def _place(cells: Sequence[_Cell]) -> tuple[_Doubles, list[int]]:
+    """Where `cells` (of one file) are written: the file's doubles and their indices
+    there, or, if one cannot be found, their value objects."""
+    if cells:
+        # After a fork, this moves every value of prometheus_client's to files of this
+        # process, before we look for them.
+        cells[0][0].get()
+        file = _value_file(cells[0][0])
+        if file is not None:
+            indices = []
+            for value, key in cells:
+                index = file.find(key) if _value_file(value) is file else None
+                if index is None:
+                    break
+                indices.append(index)
+            else:
+                return file.doubles, indices
+    return _Values([value for value, _ in cells]), list(range(len(cells)))
+
+
+class _Doubles(Protocol):
+    """A file's values by index: a `memoryview` of doubles, or `_Values`."""
+
+    def __getitem__(self, index: int, /) -> float: ...
+
+    def __setitem__(self, index: int, value: float, /) -> None: ...
+
+
 # -- a machine family ----------------------------------------------------------------------
 
 
 class FamilyFiles:
-    """The `FamilyMirror` of a machine family in multiprocess mode."""
+    """The `FamilyMirror` of a machine family in multiprocess mode.
+
+    Each value has its entry in one of prometheus_client's files, made by its value class
+    as a metric's would be; we then write it in place, through `ValueFile` (or through the
+    value object, where its place cannot be found). A hook takes `_lock` once for all of
+    its writes, and indexes precomputed tables: no key, no dict, no struct per write.
+    """
 
     __slots__ = (
         "__weakref__",
         "backlog",
         "bounds",
         "buckets",
+        "buckets_at",
+        "counters",
         "enum",
         "errors",
         "errors_help",
         "errors_name",
         "family",
+        "histograms",
+        "livemin",
+        "livesum",
         "machines",
+        "machines_at",
+        "oldest_at",
         "oldest_values",
+        "series",
         "since",
         "since_stale",
         "single",
         "sums",
+        "sums_at",
         "transitions",
+        "transitions_at",
         "trigger_bounds",
         "trigger_buckets",
+        "trigger_buckets_at",
         "trigger_sums",
+        "trigger_sums_at",
     )
 
     def __init__(self, family: Family, enum: EnumFiles) -> None:
         name = family.name
         self.family = family
         self.enum = enum
+        self.series = enum.series
         self.single = None if family.labelled else enum.file(())
         state_label = (name,)
         # Help texts are those `Family.collect` gives, so that HELP lines match.
         machines = family.machines_name
         self.machines = tuple(
-            _value("gauge", machines, machines, state_label, (s,), family.machines_help, "livesum")
+            _cell("gauge", machines, machines, state_label, (s,), family.machines_help, "livesum")
             for s in family.states
         )
-        # A counter is stored as prometheus_client's Counter stores it: the metric without
-        # `_total`, the sample with it.
-        ran = family.transitions_name[: -len("_total")]
-        self.transitions = tuple(
-            _value(
-                "counter",
-                ran,
-                family.transitions_name,
-                ("from", "to", "trigger"),
-                labels,
-                family.transitions_help,
-            )
-            for labels in family.transition_labels
-        )
+        self.transitions: list[_Cell] = []
         self.bounds = family.bounds
         self.buckets, self.sums = _histogram(
             family.duration_name,
@@ -526,7 +697,7 @@ class FamilyFiles:
         self.since = [math.inf] * len(family.states)
         self.since_stale = False
         self.oldest_values = tuple(
-            _value("gauge", oldest, oldest, state_label, (s,), oldest_help, "livemin")
+            _cell("gauge", oldest, oldest, state_label, (s,), oldest_help, "livemin")
             for s in family.states
         )
         self.errors_name = family.errors_name[: -len("_total")]
@@ -537,47 +708,92 @@ class FamilyFiles:
         # lock, so writing then could deadlock. The next hook writes them.
         self.backlog: list[tuple[Key | None, int, bool] | None] = []
         with _lock:
-            self.rewrite()
+            self._add_transitions(len(family.transition_labels) - 1)
+            self._locate()
+        self.rewrite()
         _family_files.add(self)
+
+    def _add_transitions(self, slot: int) -> None:
+        """Make the transition counters up to `slot` (the family adds slots as it meets
+        transitions it had not compiled)."""
+        # A counter is stored as prometheus_client's Counter stores it: the metric without
+        # `_total`, the sample with it.
+        family = self.family
+        ran = family.transitions_name[: -len("_total")]
+        for labels in family.transition_labels[len(self.transitions) : slot + 1]:
+            self.transitions.append(
+                _cell(
+                    "counter",
+                    ran,
+                    family.transitions_name,
+                    ("from", "to", "trigger"),
+                    labels,
+                    family.transitions_help,
+                )
+            )
+
+    def _locate(self) -> None:
+        """Find every value's place (again, after a fork: the files are new)."""
+        self.livesum, self.machines_at = _place(self.machines)
+        self.livemin, self.oldest_at = _place(self.oldest_values)
+        self.counters, self.transitions_at = _place(self.transitions)
+        rows = (*self.buckets, self.sums, *self.trigger_buckets, self.trigger_sums)
+        self.histograms, at = _place([cell for row in rows for cell in row])
+        tables = []
+        for row in rows:
+            tables.append(tuple(at[: len(row)]))
+            del at[: len(row)]
+        states = len(self.buckets)
+        self.buckets_at = tuple(tables[:states])
+        self.sums_at = tables[states]
+        self.trigger_buckets_at = tuple(tables[states + 1 : -1])
+        self.trigger_sums_at = tables[-1]
+
+    @property
+    def direct(self) -> bool:
+        """Whether every value is written in place (else some go through their objects)."""
+        views = (self.livesum, self.livemin, self.counters, self.histograms)
+        return all(isinstance(view, memoryview) for view in views)
 
     def rewrite(self) -> None:
         """Write the live counts and the oldest entry times from memory."""
-        for value, count in zip(self.machines, self.family.counts):
-            value.set(float(count))
-        for value, since in zip(self.oldest_values, self.since):
-            value.set(since)
+        livesum, livemin = self.livesum, self.livemin
+        for at, count in zip(self.machines_at, self.family.counts):
+            livesum[at] = count
+        for at, since in zip(self.oldest_at, self.since):
+            livemin[at] = since
 
     def _file(self, key: Key | None) -> StateFile | None:
         """The series of `key`; None after `Enum.remove()` or `clear()` took it away (the
         Enum brings it back through `EnumFiles.file`, as it makes a new child)."""
-        return self.single if key is None else self.enum.series.get(key)
+        return self.single if key is None else self.series.get(key)
 
     def attach(self, key: Key | None, state: int) -> None:
+        if self.backlog:
+            self._replay()
         with _lock:
-            if self.backlog:
-                self._replay()
             file = self._file(key)
             if file is not None:
                 file.show(state)
-            self.machines[state].set(float(self.family.counts[state]))
+        self.livesum[self.machines_at[state]] = self.family.counts[state]
 
     def detach(self, key: Key | None, state: int, removed: bool) -> None:
         if _collecting:
             self.backlog.append((key, state, removed))
             return
-        with _lock:
-            if self.backlog:
-                self._replay()
-            self._detach(key, state, removed)
+        if self.backlog:
+            self._replay()
+        self._detach(key, state, removed)
 
     def _detach(self, key: Key | None, state: int, removed: bool) -> None:
-        self.machines[state].set(float(self.family.counts[state]))
+        self.livesum[self.machines_at[state]] = self.family.counts[state]
         # Replayed late, the label set may have come back in the meantime.
         if removed and key is not None and key not in self.family.series:
-            file = self.enum.series.pop(key, None)
-            if file is not None:
-                file.current = -1
-                _live.remove(file.group)
+            with _lock:
+                file = self.series.pop(key, None)
+                if file is not None:
+                    file.current = -1
+                    _live.remove(file.group)
 
     def _replay(self) -> None:
         backlog = self.backlog
@@ -587,44 +803,129 @@ class FamilyFiles:
                 self._detach(*entry)
         if self.since_stale:
             self.since_stale = False
-            for value, since in zip(self.oldest_values, self.since):
-                value.set(since)
+            for at, since in zip(self.oldest_at, self.since):
+                self.livemin[at] = since
 
     def moved(self, key: Key | None, src: int, dst: int, slot: int, elapsed: float) -> None:
+        if self.backlog:
+            self._replay()
+        # `acquire` and `release` cost half of what ``with`` costs on a lock.
+        _lock.acquire()
+        try:
+            # Looked up under the lock: `Enum.remove()` may take the series away.
+            file = self.single if key is None else self.series.get(key)
+            if file is not None:
+                current = file.current
+                if current != dst and current >= 0:  # `StateFile.show`, inline
+                    group = file.group
+                    values, positions, doubles = group.values, group.positions, _live.doubles
+                    values[current] = 0.0
+                    doubles[positions[current]] = 0.0
+                    values[dst] = 1.0
+                    doubles[positions[dst]] = 1.0
+                    file.current = dst
+        finally:
+            _lock.release()
+        if src != dst:
+            livesum, at, counts = self.livesum, self.machines_at, self.family.counts
+            livesum[at[src]] = counts[src]
+            livesum[at[dst]] = counts[dst]
+        try:
+            self.counters[self.transitions_at[slot]] += 1.0
+        except IndexError:
+            self._count_new(slot)
+        histograms = self.histograms
+        histograms[self.buckets_at[src][bisect_left(self.bounds, elapsed)]] += 1.0
+        histograms[self.sums_at[src]] += elapsed
+
+    def transition(
+        self,
+        key: Key | None,
+        src: int,
+        dst: int,
+        slot: int,
+        elapsed: float,
+        now: float,
+        first: bool,
+        empty: bool,
+        tindex: int,
+        latency: float | None,
+    ) -> None:
+        # `moved`, `oldest` and `triggered` in one body: a call less for each.
+        if self.backlog:
+            self._replay()
+        _lock.acquire()
+        try:
+            file = self.single if key is None else self.series.get(key)
+            if file is not None:
+                current = file.current
+                if current != dst and current >= 0:
+                    group = file.group
+                    values, positions, doubles = group.values, group.positions, _live.doubles
+                    values[current] = 0.0
+                    doubles[positions[current]] = 0.0
+                    values[dst] = 1.0
+                    doubles[positions[dst]] = 1.0
+                    file.current = dst
+        finally:
+            _lock.release()
+        if src != dst:
+            livesum, at, counts = self.livesum, self.machines_at, self.family.counts
+            livesum[at[src]] = counts[src]
+            livesum[at[dst]] = counts[dst]
+        try:
+            self.counters[self.transitions_at[slot]] += 1.0
+        except IndexError:
+            self._count_new(slot)
+        histograms = self.histograms
+        histograms[self.buckets_at[src][bisect_left(self.bounds, elapsed)]] += 1.0
+        histograms[self.sums_at[src]] += elapsed
+        if first or empty:
+            # One clock read: wall time is `perf_counter()` time plus this offset.
+            offset = _wall_clock() - now
+            livemin, at, since = self.livemin, self.oldest_at, self.since
+            if first:
+                value = math.inf
+                leaving = self.family.stays[src]
+                for token in leaving:
+                    value = leaving[token] + offset
+                    break
+                livemin[at[src]] = since[src] = value
+            if empty:
+                livemin[at[dst]] = since[dst] = now + offset
+        if latency is not None:
+            row = self.trigger_buckets_at[tindex]
+            histograms[row[bisect_left(self.trigger_bounds, latency)]] += 1.0
+            histograms[self.trigger_sums_at[tindex]] += latency
+
+    def _count_new(self, slot: int) -> None:
+        """Count a transition the family added after this mirror was made."""
         with _lock:
-            if self.backlog:
-                self._replay()
-            file = self._file(key)
-            if file is not None and file.current != dst:
-                file.show(dst)
-            if src != dst:
-                machines = self.machines
-                counts = self.family.counts
-                machines[src].set(float(counts[src]))
-                machines[dst].set(float(counts[dst]))
-            self.transitions[slot].inc(1.0)
-            self.buckets[src][bisect_left(self.bounds, elapsed)].inc(1.0)
-            self.sums[src].inc(elapsed)
+            self._add_transitions(slot)
+            self.counters, self.transitions_at = _place(self.transitions)
+        self.counters[self.transitions_at[slot]] += 1.0
 
     def counted(self, slot: int) -> None:
-        with _lock:
-            if self.backlog:
-                self._replay()
-            self.transitions[slot].inc(1.0)
+        if self.backlog:
+            self._replay()
+        try:
+            self.counters[self.transitions_at[slot]] += 1.0
+        except IndexError:
+            self._count_new(slot)
 
     def observed(self, state: int, elapsed: float) -> None:
-        with _lock:
-            if self.backlog:
-                self._replay()
-            self.buckets[state][bisect_left(self.bounds, elapsed)].inc(1.0)
-            self.sums[state].inc(elapsed)
+        if self.backlog:
+            self._replay()
+        histograms = self.histograms
+        histograms[self.buckets_at[state][bisect_left(self.bounds, elapsed)]] += 1.0
+        histograms[self.sums_at[state]] += elapsed
 
     def triggered(self, index: int, elapsed: float) -> None:
-        with _lock:
-            if self.backlog:
-                self._replay()
-            self.trigger_buckets[index][bisect_left(self.trigger_bounds, elapsed)].inc(1.0)
-            self.trigger_sums[index].inc(elapsed)
+        if self.backlog:
+            self._replay()
+        histograms = self.histograms
+        histograms[self.trigger_buckets_at[index][bisect_left(self.trigger_bounds, elapsed)]] += 1.0
+        histograms[self.trigger_sums_at[index]] += elapsed
 
     def oldest(self, state: int, since: float | None) -> None:
         value = self.since[state] = math.inf if since is None else since
@@ -632,15 +933,15 @@ class FamilyFiles:
             self.since_stale = True
             self.backlog.append(None)
             return
-        with _lock:
-            if self.backlog:
-                self._replay()
-            self.oldest_values[state].set(value)
+        if self.backlog:
+            self._replay()
+        self.livemin[self.oldest_at[state]] = value
 
     def error(self, trigger: str, error: str) -> None:
+        if self.backlog:
+            self._replay()
+        # Rare: written through prometheus_client's value class, which makes the entry.
         with _lock:
-            if self.backlog:
-                self._replay()
             key = (trigger, error)
             value = self.errors.get(key)
             if value is None:
@@ -652,17 +953,35 @@ class FamilyFiles:
 
     def reset(self) -> None:
         """Zero this process's share of the counters and histograms."""
+        if self.backlog:
+            self._replay()
+        counters, histograms = self.counters, self.histograms
+        for at in self.transitions_at:
+            counters[at] = 0.0
+        for rows in (self.buckets_at, (self.sums_at,), self.trigger_buckets_at):
+            for row in rows:
+                for at in row:
+                    histograms[at] = 0.0
+        for at in self.trigger_sums_at:
+            histograms[at] = 0.0
         with _lock:
-            if self.backlog:
-                self._replay()
-            for value in (*self.transitions, *self.sums, *self.trigger_sums):
-                value.set(0.0)
             for value in self.errors.values():
                 value.set(0.0)
-            for rows in (self.buckets, self.trigger_buckets):
-                for row in rows:
-                    for value in row:
-                        value.set(0.0)
+
+
+def _cell(
+    typ: str,
+    metric: str,
+    sample: str,
+    labelnames: Sequence[str],
+    labelvalues: Sequence[str],
+    documentation: str,
+    mode: str = "",
+) -> _Cell:
+    """A value of ours, its entry made by prometheus_client's value class, and its key."""
+    value = _value(typ, metric, sample, labelnames, labelvalues, documentation, mode)
+    labels = dict(zip(labelnames, labelvalues))
+    return value, json.dumps([metric, sample, labels, documentation], sort_keys=True)
 
 
 def _histogram(
@@ -671,19 +990,19 @@ def _histogram(
     label: str,
     labelvalues: Sequence[str],
     bucket_names: Sequence[str],
-) -> tuple[tuple[tuple[_Value, ...], ...], tuple[_Value, ...]]:
+) -> tuple[tuple[tuple[_Cell, ...], ...], tuple[_Cell, ...]]:
     """A histogram's values as prometheus_client's Histogram stores them: one
     non-cumulative count per bucket (with `le`), and the sum; the collector adds up
     ``_bucket`` and ``_count``."""
     buckets = tuple(
         tuple(
-            _value("histogram", metric, f"{metric}_bucket", (label, "le"), (v, le), documentation)
+            _cell("histogram", metric, f"{metric}_bucket", (label, "le"), (v, le), documentation)
             for le in bucket_names
         )
         for v in labelvalues
     )
     sums = tuple(
-        _value("histogram", metric, f"{metric}_sum", (label,), (v,), documentation)
+        _cell("histogram", metric, f"{metric}_sum", (label,), (v,), documentation)
         for v in labelvalues
     )
     return buckets, sums
@@ -701,8 +1020,10 @@ def family_mirror(family: Family) -> FamilyMirror | None:
 # -- process-wide bookkeeping --------------------------------------------------------------
 
 _lock = threading.Lock()
+_wall_clock = time.time
 _live = LiveFile()
 _enum_files: weakref.WeakSet[EnumFiles] = weakref.WeakSet()
+_value_files: dict[str, ValueFile] = {}
 _family_files: weakref.WeakSet[FamilyFiles] = weakref.WeakSet()
 
 # True while the garbage collector runs (and so may finalize machines) in some thread.
@@ -736,13 +1057,21 @@ def _after_fork_in_child() -> None:
     # The child writes to files of its own pid, fresh (or left by a dead process that had
     # the same pid): write what this process's memory says. No family lock is taken: only
     # the forking thread runs here.
+    families: list[FamilyFiles] = []
     try:
         if enabled():
             _live.after_fork()
-            for family in list(_family_files):
-                family.rewrite()
+            # Our maps are of the parent's files: its counts, not to be touched.
+            for file in _value_files.values():
+                file.close()
+            _value_files.clear()
+            families = list(_family_files)
+            for family in families:
+                family._locate()
     finally:
         _lock.release()
+    for family in families:
+        family.rewrite()
 
 
 if hasattr(os, "register_at_fork"):
