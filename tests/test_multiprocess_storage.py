@@ -7,6 +7,7 @@ As in tests/test_multiprocess.py, the writers are spawned children that inherit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -221,6 +222,385 @@ def run_fork_under_load(report: Any, forks: int) -> None:
     report.put(outcomes)
 
 
+# -- values written in place -----------------------------------------------------------------
+
+
+def diff_class(namespace: str = "mpd") -> type[MeteredMachine]:
+    """A class made in the child, after its value class was chosen. `go` moves the machine
+    first through a nested trigger, so that it counts a transition the class never
+    declared (from running), which the files meet only then."""
+
+    class Diff(MeteredMachine, namespace=namespace, labelnames=("conn",), registry=None):
+        """State of a compared connection"""
+
+        states = list(STATES)
+        transitions = [
+            ["start", "idle", "running"],
+            ["finish", "running", "idle"],
+            ["fail", ["idle", "running"], "error"],
+            ["reset", "error", "idle"],
+            ["ping", "running", None],
+            {"trigger": "go", "source": "idle", "dest": "error", "before": "hop"},
+            ["hop_t", "idle", "running"],
+        ]
+
+        async def hop(self) -> None:
+            await self.trigger("hop_t")
+
+    return Diff
+
+
+class OpaqueValue:
+    """prometheus_client's value class behind a wrapper that does not say where its file
+    is, as another value class would not: values are written through it."""
+
+    _multiprocess = True
+    inner: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.value = self.inner(*args, **kwargs)
+
+    def inc(self, amount: float) -> None:
+        self.value.inc(amount)
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value.set(value, timestamp)
+
+    def get(self) -> float:
+        return float(self.value.get())
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        pass
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def family_samples(metrics: Any, prefix: str) -> Samples:
+    """Samples of the metrics named `prefix`..., by name and labels, without `pid` and
+    what only one side has: `_created`, the oldest machine, a label set showing no state
+    (still listed in the file until it is compacted) and error counters at 0 (after a
+    reset the files keep the entry, memory forgets it)."""
+    samples: Samples = {}
+    for metric in metrics:
+        if not metric.name.startswith(prefix) or "oldest" in metric.name:
+            continue
+        for s in metric.samples:
+            if s.name.endswith("_created"):
+                continue
+            if s.name.endswith("_errors_total") and s.value == 0:
+                continue
+            labels = frozenset((k, v) for k, v in s.labels.items() if k != "pid")
+            samples[(s.name, labels)] = s.value
+    enum = f"{prefix}_state"
+
+    def series(labels: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+        return frozenset(label for label in labels if label[0] != enum)
+
+    shown = {series(labels) for (name, labels), value in samples.items() if name == enum and value}
+    return {
+        (name, labels): value
+        for (name, labels), value in samples.items()
+        if name != enum or series(labels) in shown
+    }
+
+
+def run_differential(report: Any, opaque: bool) -> None:
+    """Random machine lifecycles: after every step, the merged files say exactly what
+    memory says, sums and bucket counts included (they add the same floats in the same
+    order), and the oldest entry times agree with memory's ages."""
+    from prometheus_client import values
+
+    from statemachine_metrics import MachineCollector, MachineError
+    from statemachine_metrics.testing import reset_metrics
+
+    path = os.environ[VARIABLE]
+    if opaque:
+        OpaqueValue.inner = values.ValueClass
+        values.ValueClass = OpaqueValue
+    Diff = diff_class()
+    family: Any = Diff._family
+    mirror = family.mirror
+    registry = CollectorRegistry()
+    registry.register(MachineCollector(Diff))
+    triggers = ["start", "finish", "fail", "reset", "ping", "go"]
+    operation = st.one_of(
+        st.tuples(st.just("new"), st.integers(0, 3)),
+        st.tuples(st.just("drop"), st.integers(0, 9)),
+        st.tuples(st.just("close"), st.integers(0, 9)),
+        st.tuples(st.sampled_from(triggers), st.integers(0, 9)),
+        st.tuples(st.just("reset_metrics"), st.just(0)),
+    )
+
+    def check() -> None:
+        memory = list(registry.collect())
+        merged_registry = CollectorRegistry()
+        MultiProcessCollector(merged_registry, path=path)
+        merged = list(merged_registry.collect())
+        expected, found = family_samples(memory, "mpd_diff"), family_samples(merged, "mpd_diff")
+        assert found == expected, sorted(set(found.items()) ^ set(expected.items()))
+        now = time.time()
+        ages = {
+            s.labels["mpd_diff_state"]: s.value
+            for m in memory
+            if m.name == "mpd_diff_state_oldest_seconds"
+            for s in m.samples
+        }
+        counts = {
+            s.labels["mpd_diff_state"]: s.value
+            for m in memory
+            if m.name == "mpd_diff_state_machines"
+            for s in m.samples
+        }
+        for m in merged:
+            if m.name == "mpd_diff_state_oldest_timestamp_seconds":
+                for s in m.samples:
+                    state = s.labels["mpd_diff_state"]
+                    if counts[state]:
+                        assert abs(now - s.value - ages[state]) < 5, (state, s.value)
+                    else:
+                        assert s.value == float("inf"), (state, s.value)
+
+    @settings(max_examples=30, deadline=None, database=None)
+    @given(st.lists(operation, max_size=20))
+    def steps(operations: list[tuple[str, int]]) -> None:
+        async def body() -> None:
+            machines: list[MeteredMachine] = []
+            for name, arg in operations:
+                if name == "new":
+                    machines.append(Diff(labels={"conn": f"c{arg}"}))
+                elif name == "reset_metrics":
+                    reset_metrics(Diff)
+                elif not machines:
+                    continue
+                elif name == "drop":
+                    del machines[arg % len(machines)]
+                elif name == "close":
+                    await machines.pop(arg % len(machines)).aclose()
+                else:
+                    # A trigger that cannot run is counted as an error, in both.
+                    with contextlib.suppress(MachineError):
+                        await machines[arg % len(machines)].trigger(name)
+                check()
+            machines.clear()
+            check()
+
+        anyio.run(body)
+
+    try:
+        steps()
+        report.put(("ok", mirror.direct))
+    except BaseException:
+        report.put(("error", traceback.format_exc()))
+
+
+def run_beside_prometheus_metrics(report: Any) -> None:
+    """prometheus_client's own metrics append to the same files before, between and after
+    the machines' entries, and past their first 64 KiB: each side's values stay whole."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    try:
+        counter = Counter("own_total", "d", ["n"], registry=None)
+        live = Gauge("own_live", "d", ["n"], multiprocess_mode="livesum", registry=None)
+        counter.labels("before").inc(2)
+        Early = diff_class()
+        # Many entries: the files grow past the map made for the first class.
+        long = "x" * 200
+        for i in range(400):
+            counter.labels(f"{long}{i}").inc(i)
+            live.labels(f"{long}{i}").set(i)
+        Late = diff_class("mpl")
+        histogram = Histogram("own_seconds", "d", registry=None)
+        low = Gauge("own_low", "d", multiprocess_mode="livemin", registry=None)
+
+        async def run() -> list[MeteredMachine]:
+            machines = []
+            for cls in (Early, Late):
+                for i in range(3):
+                    machine = cls(labels={"conn": f"c{i}"})
+                    await machine.trigger("start")
+                    await machine.trigger("ping")
+                    machines.append(machine)
+                await machine.trigger("finish")
+                await machine.trigger("go")  # leaves from running: a transition met late
+            return machines
+
+        machines = anyio.run(run)
+        histogram.observe(0.2)
+        low.set(7)
+        counter.labels("after").inc(3)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=os.environ[VARIABLE])
+        got = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in registry.collect()
+            for s in m.samples
+        }
+
+        def value(name: str, **labels: str) -> float | None:
+            return got.get((name, tuple(sorted(labels.items()))))
+
+        own = [
+            value("own_total", n="before"),
+            value("own_total", n="after"),
+            sum(value("own_total", n=f"{long}{i}") or 0 for i in range(400)),
+            sum(value("own_live", n=f"{long}{i}") or 0 for i in range(400)),
+            value("own_seconds_count"),
+            value("own_low"),
+        ]
+        ran = []
+        for prefix in ("mpd_diff", "mpl_diff"):
+            state = f"{prefix}_state"
+            ran.append(
+                [
+                    value(
+                        f"{state}_transitions_total",
+                        **{"from": "idle", "to": "running", "trigger": "start"},
+                    ),
+                    value(
+                        f"{state}_transitions_total",
+                        **{"from": "running", "to": "running", "trigger": "ping"},
+                    ),
+                    value(
+                        f"{state}_transitions_total",
+                        **{"from": "running", "to": "error", "trigger": "go"},
+                    ),
+                    value(f"{state}_machines", **{state: "running"}),
+                    value(f"{state}_machines", **{state: "error"}),
+                    value(f"{state}_duration_seconds_count", **{state: "idle"}),
+                ]
+            )
+        families: list[Any] = [Early._family, Late._family]
+        mirrors = [family.mirror.direct for family in families]
+        report.put(("ok", own, ran, mirrors))
+        del machines
+    except BaseException:
+        report.put(("error", traceback.format_exc()))
+
+
+def run_fork_apart(report: Any) -> None:
+    """After a fork, parent and child each count in their own files."""
+    from statemachine_metrics import MachineError
+
+    try:
+        Diff = diff_class()
+
+        async def cycles(machine: MeteredMachine, count: int) -> None:
+            for _ in range(count):
+                await machine.trigger("start")
+                await machine.trigger("finish")
+            with pytest.raises(MachineError):
+                await machine.trigger("finish")
+
+        machine = Diff(labels={"conn": "c"})
+        anyio.run(cycles, machine, 2)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            code = 0
+            try:
+                anyio.run(cycles, machine, 5)
+                os.write(write, b"ok")
+            except BaseException:
+                os.write(write, traceback.format_exc().encode()[:4000])
+                code = 1
+            os._exit(code)
+        os.close(write)
+        said = os.read(read, 4096).decode()
+        os.waitpid(pid, 0)
+        anyio.run(cycles, machine, 1)
+        report.put(("ok", said, os.getpid(), pid))
+        del machine
+    except BaseException:
+        report.put(("error", traceback.format_exc()))
+
+
+def own_counts(path: Path, pid: int) -> dict[str, float]:
+    """What one process's counter and histogram files say about the `Diff` class."""
+    files = [str(path / f"{kind}_{pid}.db") for kind in ("counter", "histogram")]
+    counts: dict[str, float] = {}
+    for metric in MultiProcessCollector.merge(files):
+        for s in metric.samples:
+            if s.name == "mpd_diff_state_transitions_total" and s.labels["trigger"] == "start":
+                counts["start"] = s.value
+            elif s.name == "mpd_diff_state_errors_total":
+                counts["errors"] = s.value
+            elif s.name == "mpd_diff_state_trigger_duration_seconds_count" and (
+                s.labels["trigger"] == "finish"
+            ):
+                counts["finish_latencies"] = s.value
+    return counts
+
+
+def run_one_call_per_transition(report: Any) -> None:
+    """`transition` writes what `moved`, `oldest` and `triggered` write, one call each, for
+    the same arguments: two classes alike, one written each way, read back merged."""
+    try:
+        one, three = diff_class("mpone"), diff_class("mpthree")
+        family: Any = one._family
+        single: Any = family.mirror
+        other_family: Any = three._family
+        split = other_family.mirror
+        slots = len(family.transition_labels)
+        states, triggers = len(family.states), len(family.trigger_names)
+        seconds = st.floats(0, 100, allow_nan=False)
+        call = st.tuples(
+            st.integers(0, states - 1),
+            st.integers(0, states - 1),
+            st.integers(0, slots - 1),
+            seconds,
+            st.booleans(),
+            st.booleans(),
+            st.integers(0, triggers - 1),
+            st.none() | seconds,
+        )
+
+        @settings(max_examples=30, deadline=None, database=None)
+        @given(st.lists(call, max_size=10))
+        def check(calls: list[tuple[Any, ...]]) -> None:
+            for src, dst, slot, elapsed, first, empty, tindex, latency in calls:
+                key = ("k",)  # no machine of this label set: no Enum series
+                single.transition(
+                    key, src, dst, slot, elapsed, time.perf_counter(), first, empty, tindex, latency
+                )
+                split.moved(key, src, dst, slot, elapsed)
+                if first:
+                    split.oldest(src, None)  # no machine stays in `src`
+                if empty:
+                    split.oldest(dst, time.time())
+                if latency is not None:
+                    split.triggered(tindex, latency)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=os.environ[VARIABLE])
+            metrics = list(registry.collect())
+            got = {}
+            for prefix in ("mpone", "mpthree"):
+                samples = {}
+                for metric in metrics:
+                    for s in metric.samples:
+                        if s.name.startswith(prefix):
+                            labels = {k.replace(prefix, ""): v for k, v in s.labels.items()}
+                            name = s.name.replace(prefix, "")
+                            samples[(name, tuple(sorted(labels.items())))] = s.value
+                got[prefix] = samples
+            assert got["mpone"].keys() == got["mpthree"].keys()
+            for sample, value in got["mpone"].items():
+                other = got["mpthree"][sample]
+                if "oldest" in sample[0]:
+                    assert value == other or abs(value - other) < 1, (sample, value, other)
+                else:
+                    assert value == other, (sample, value, other)
+
+        check()
+        report.put(("ok", single.direct, split.direct))
+    except BaseException:
+        report.put(("error", traceback.format_exc()))
+
+
 # -- tests -----------------------------------------------------------------------------------
 
 
@@ -323,3 +703,33 @@ def test_pid_label(tmp_path: Path, multiprocess: bool) -> None:
     assert machine.startswith("ValueError Proc: label name 'pid' is taken")
     assert enum.startswith("ValueError Enum proc_state: label name 'pid' is taken")
     assert "rename the label" in machine
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["in-place", "value-class"])
+def test_files_equal_memory_through_random_transitions(tmp_path: Path, opaque: bool) -> None:
+    # In place where prometheus_client's value class says which file holds a value; through
+    # the value class itself where it does not (another value class): both exact.
+    _, direct = child_result(tmp_path, run_differential, opaque)
+    assert direct is not opaque
+
+
+def test_values_beside_prometheus_client_metrics(tmp_path: Path) -> None:
+    _, own, ran, mirrors = child_result(tmp_path, run_beside_prometheus_metrics)
+    assert mirrors == [True, True]
+    assert own == [2.0, 3.0, float(sum(range(400))), float(sum(range(400))), 1.0, 7.0]
+    # Per class: 3 starts, 3 pings and one late `go`; 2 running, 1 in error; idle left 4
+    # times (3 starts, and the hop before `go`).
+    assert ran == [[3.0, 3.0, 1.0, 2.0, 1.0, 4.0]] * 2
+
+
+def test_forked_parent_and_child_count_apart(tmp_path: Path) -> None:
+    _, said, parent, child = child_result(tmp_path, run_fork_apart)
+    assert said == "ok"
+    # The child's counts start at 0 in its own files; the parent's never see them. (Each
+    # `cycles` ends with a `finish` that raises: an error, and a latency too.)
+    assert own_counts(tmp_path, parent) == {"start": 3.0, "errors": 2.0, "finish_latencies": 5.0}
+    assert own_counts(tmp_path, child) == {"start": 5.0, "errors": 1.0, "finish_latencies": 6.0}
+
+
+def test_one_call_writes_what_three_calls_write(tmp_path: Path) -> None:
+    assert child_result(tmp_path, run_one_call_per_transition) == ("ok", True, True)
