@@ -13,8 +13,15 @@ metrics go to the same files, stored the way prometheus_client stores its own:
   ``<name>_duration_seconds``, ``<name>_trigger_duration_seconds``: histograms, summed over
   all processes, dead ones included.
 
-These have a fixed set of label sets, so they are written through prometheus_client's own
-value class (`values.ValueClass`), sharing the process's files with its other metrics.
+These have a fixed set of label sets, and share the process's files with its other metrics
+(``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_livesum_<pid>.db``,
+``gauge_livemin_<pid>.db``: the names `mark_process_dead` and the collector know). Two
+writers appending to one file would destroy each other's entries, so prometheus_client's
+value class (`values.ValueClass`) makes every entry of ours, as it makes a metric's; we then
+map the file ourselves (`ValueFile`), find where each value sits, and write it there: one
+8-byte store into the map per value, at an index computed once. Where an entry cannot be
+found (a value class of another kind, a file of another format), the value is written
+through its value object instead (`_Values`): slower, and as correct.
 
 The Enum is different: one series per label set, and label sets come and go with machines.
 prometheus_client's value files can never drop an entry, and its value class keeps every
@@ -27,9 +34,13 @@ shows no state), and the file is rewritten without them (a new file renamed over
 one, so that a concurrent scrape reads the old file or the new, whole) once dead entries
 make up half of the file and 16 KiB.
 
-Every write, ours and prometheus_client's value writes on our behalf, happens under one
+A family's values are written with the family's lock held, so they need no lock of their
+own, and a fork cannot split a one-store write. The live file's structure, the Enum writes
+into it, the making of entries and every write through a value object happen under one
 process-wide lock, `_lock`, which a fork waits for: a child never inherits a half-done
-write, nor prometheus_client's value lock held by one of our threads.
+compaction, nor prometheus_client's value lock held by one of our threads. A transition
+takes `_lock` once. In the child, the maps of the parent's files are closed before anything
+runs, and every value is found again in the child's own files.
 """
 
 from __future__ import annotations
