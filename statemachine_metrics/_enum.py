@@ -325,24 +325,6 @@ class Enum(MetricWrapperBase):
             children = list(self._metrics.values())
         return children, [child._value for child in children]
 
-    def _exposed(self, snapshot: list[tuple[tuple[str, ...], int]]) -> Metric:
-        """The metric family for a `_snapshot()`, sample for sample what the reference
-        builds (made afresh: see `_exposed_series` for the reusing one)."""
-        name = self._name
-        labelnames = self._labelnames
-        states = self._states
-        metric = Metric(name, self._documentation, "stateset")
-        append = metric.samples.append
-        for labelvalues, current in snapshot:
-            series = dict(zip(labelnames, labelvalues))
-            for i, state in enumerate(states):
-                labels = series.copy()
-                labels[name] = state
-                # Sample(name, labels, value) without the keyword-aware constructor: a
-                # scrape of many machines builds three of these per machine.
-                append(_new_tuple(Sample, (name, labels, 1 if i == current else 0, *_NO_MORE)))
-        return metric
-
     def _exposed_series(self, series: list[Enum], states: list[int]) -> Metric:
         """The metric family of `series` in `states`, sample for sample what the reference
         builds. Each series keeps the samples it was last exposed with, and makes new ones

@@ -109,6 +109,9 @@ class Snapshot(NamedTuple):
     #: state, non-cumulative bucket index); None where there is none.
     transition_exemplars: list[Exemplar | None]
     hist_exemplars: list[list[Exemplar | None]]
+    #: With ``snapshot(series=True)``, instead of `enum`: the Enum's series objects and the
+    #: index of each one's current state (what `Enum._exposed_series` takes).
+    series: tuple[list[Enum], list[int]] | None = None
 
 
 class _Removed:
@@ -457,8 +460,11 @@ class Family:
             HistogramMetricFamily(self.trigger_duration_name, "", labels=()),
         ]
 
-    def snapshot(self) -> Snapshot:
-        """Copy every value under the lock: a scrape never sees a half-updated machine."""
+    def snapshot(self, *, series: bool = False) -> Snapshot:
+        """Copy every value under the lock: a scrape never sees a half-updated machine.
+
+        With `series`, the Enum's states come as `Snapshot.series` (and `enum` is empty).
+        """
         metric = self.metric
         with self.lock:
             if self.pending:
@@ -474,7 +480,7 @@ class Family:
                     break
                 oldest.append(seconds)
             return Snapshot(
-                enum=metric._snapshot(),
+                enum=[] if series else metric._snapshot(),
                 counts=list(self.counts),
                 transitions=list(self.transitions),
                 hist=[list(row) for row in self.hist],
@@ -486,11 +492,13 @@ class Family:
                 created=self.created if metrics._use_created else None,
                 transition_exemplars=list(self.transition_exemplars),
                 hist_exemplars=[list(row) for row in self.hist_exemplars],
+                series=metric._series() if series else None,
             )
 
     def collect(self) -> list[Metric]:
         """The family's metrics, from one consistent snapshot."""
-        snap = self.snapshot()
+        snap = self.snapshot(series=True)
+        assert snap.series is not None
         created = snap.created
         state_label = [self.name]
 
@@ -543,7 +551,7 @@ class Family:
             created,
         )
         return [
-            self.metric._exposed(snap.enum),
+            self.metric._exposed_series(*snap.series),
             machines,
             ran,
             duration,

@@ -85,7 +85,7 @@ steps = st.lists(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(steps)
 def test_every_scrape_shows_the_current_states(
     backend: str, ops: list[tuple[str, str, str]]
@@ -283,3 +283,27 @@ def test_forked_child_scrapes_its_own_states() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.anyio
+async def test_machine_collector_reuses_the_enum_samples(anyio_backend: str) -> None:
+    # prometheus_client's generate_latest collects through MachineCollector: the same reuse.
+    cls = worker_class()
+    collector = MachineCollector(cls)
+    name = cls.metric_names()[0]
+
+    def enum_samples() -> list[Any]:
+        (family,) = [f for f in collector.collect() if f.name == name]
+        return family.samples
+
+    machines = [cls(labels={"worker": label}) for label in ("1", "2")]
+    before = enum_samples()
+    assert enum_samples() == before
+    assert all(a is b for a, b in zip(enum_samples(), before))
+    await machines[1].start()
+    after = enum_samples()
+    assert [s.value for s in after] == [1, 0, 0, 0, 1, 0]
+    assert [a is b for a, b in zip(after, before)] == [True, True, True, False, False, True]
+    for machine in machines:
+        await machine.aclose()
+    assert enum_samples() == []
