@@ -693,8 +693,9 @@ def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool
         if machine._owner is None and dispatch.fire is fire and machine._series is not None:
             steps = table.get(machine._state)
             if steps is not None:
-                if steps[0].bare:
-                    _move(machine, steps[0], _perf_counter())
+                step = steps[0]
+                if step.bare:
+                    _move(machine, step, _perf_counter())
                     return True
                 started = _perf_counter()
                 running = run_steps(machine, steps, args, kwargs)
