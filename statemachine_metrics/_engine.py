@@ -332,7 +332,10 @@ def _move(machine: MeteredMachine, step: Step, started: float | None) -> None:
     moves: the common case, in a body of its own (`_change_state` does the rest)."""
     family = step.family
     if family.mirror is not None or exemplar_source is not None:
-        _change_state(machine, step, started)
+        if exemplar_source is None:
+            _move_mirrored(machine, step, started)
+        else:
+            _change_state(machine, step, started)
         return
     now = _perf_counter()
     token = machine._token
@@ -365,6 +368,49 @@ def _move(machine: MeteredMachine, step: Step, started: float | None) -> None:
         _notify(machine, step, step.source, elapsed)
 
 
+def _move_mirrored(machine: MeteredMachine, step: Step, started: float | None) -> None:
+    """`_move` in multiprocess mode: the same, and everything the other processes will
+    read written by one `mirror.transition` call under the lock."""
+    family = step.family
+    mirror = family.mirror
+    assert mirror is not None
+    now = _perf_counter()
+    token = machine._token
+    src = step.src
+    dst = step.dst
+    series: Series = machine._series  # type: ignore[assignment]
+    with family.lock:
+        if family.pending:
+            family._drain()
+        family.transitions[step.slot] += 1
+        stays = family.stays
+        leaving = stays[src]
+        first = next(iter(leaving)) == token
+        elapsed = now - leaving.pop(token)
+        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        family.hist_sum[src] += elapsed
+        counts = family.counts
+        counts[src] -= 1
+        counts[dst] += 1
+        entering = stays[dst]
+        empty = not entering
+        entering[token] = now
+        series.child._value = dst
+        machine._state = step.dest  # type: ignore[assignment]
+        latency = None if started is None else now - started
+        if latency is not None:
+            tindex = step.tindex
+            family.trigger_hist[tindex][bisect_left(family.trigger_bounds, latency)] += 1
+            family.trigger_sum[tindex] += latency
+        mirror.transition(
+            series.key, src, dst, step.slot, elapsed, now, first, empty, step.tindex, latency
+        )
+    if machine._timers is not None:
+        machine._timers.moved(step.dest, step.entered)
+    if step.listening or machine._listeners is not None:
+        _notify(machine, step, step.source, elapsed)
+
+
 def _change_state(machine: MeteredMachine, step: Step, started: float | None) -> None:
     """`change_state` for every case: another source state, a closed machine, an internal
     step, multiprocess mode, exemplars."""
@@ -386,6 +432,7 @@ def _change_state(machine: MeteredMachine, step: Step, started: float | None) ->
         family.transitions[slot] += 1
         mirror = family.mirror
         series: Series | None = machine._series
+        latency = None if started is None else now - started
         if dest is None:
             if mirror is not None:
                 mirror.counted(slot)
@@ -393,7 +440,7 @@ def _change_state(machine: MeteredMachine, step: Step, started: float | None) ->
             dst = step.dst
             stays = family.stays
             leaving = stays[src]
-            first = mirror is not None and leaving and next(iter(leaving)) == token
+            first = mirror is not None and bool(leaving) and next(iter(leaving)) == token
             entered = leaving.pop(token, None)  # None: closed by one of its own callbacks
             if entered is not None:
                 elapsed = now - entered
@@ -405,15 +452,15 @@ def _change_state(machine: MeteredMachine, step: Step, started: float | None) ->
                 counts[src] -= 1
                 counts[dst] += 1
                 entering = stays[dst]
-                new_oldest = mirror is not None and not entering
+                empty = not entering
                 entering[token] = now
                 series.child._value = dst
                 if mirror is not None:
-                    mirror.moved(series.key, src, dst, slot, elapsed or 0.0)
-                    if first:
-                        mirror.oldest(src, family._since(leaving))
-                    if new_oldest:
-                        mirror.oldest(dst, time.time())
+                    key, tindex = series.key, step.tindex
+                    mirror.transition(
+                        key, src, dst, slot, elapsed or 0.0, now, first, empty, tindex, latency
+                    )
+                    mirror = None  # it wrote the trigger latency too
             elif mirror is not None:
                 mirror.counted(slot)
                 if elapsed is not None:
@@ -421,8 +468,7 @@ def _change_state(machine: MeteredMachine, step: Step, started: float | None) ->
             machine._state = dest
         if exemplar_source is not None:
             _exemplify(family, slot, src, elapsed)
-        if started is not None:
-            latency = now - started
+        if latency is not None:
             tindex = step.tindex
             family.trigger_hist[tindex][bisect_left(family.trigger_bounds, latency)] += 1
             family.trigger_sum[tindex] += latency

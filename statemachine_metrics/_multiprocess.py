@@ -96,9 +96,6 @@ class FamilyMirror(Protocol):
     def detach(self, key: Key | None, state: int, removed: bool) -> None:
         """A machine in `state` ended; `removed`: its label set went with it."""
 
-    def moved(self, key: Key | None, src: int, dst: int, slot: int, elapsed: float) -> None:
-        """A live machine bound to `key` ran transition `slot`, from `src` to `dst`."""
-
     def transition(
         self,
         key: Key | None,
@@ -112,17 +109,18 @@ class FamilyMirror(Protocol):
         tindex: int,
         latency: float | None,
     ) -> None:
-        """All that one transition of a live machine writes, in one call: `moved`; the
-        oldest entry time of `src` if the machine was its longest-staying (`first`), and
-        of `dst` if no machine was there (`empty`), `now` being the ``perf_counter()``
-        time it entered `dst`; and `triggered(tindex, latency)` unless `latency` is None.
-        """
+        """All that one transition of a live machine writes, in one call: the machine
+        bound to `key` ran transition `slot` from `src` to `dst`, `elapsed` seconds after
+        it entered `src`; the oldest entry time of `src` if the machine was its
+        longest-staying (`first`), and of `dst` if no machine was there (`empty`), `now`
+        being the ``perf_counter()`` time it entered `dst`; and `triggered(tindex,
+        latency)` unless `latency` is None."""
 
     def counted(self, slot: int) -> None:
         """Transition `slot` ran and no state change is shown (an internal transition)."""
 
     def observed(self, state: int, elapsed: float) -> None:
-        """A machine left `state` after `elapsed` seconds, with no `moved` call."""
+        """A machine left `state` after `elapsed` seconds, with no `transition` call."""
 
     def error(self, trigger: str, error: str) -> None:
         """`trigger` raised an exception of class `error`."""
@@ -816,38 +814,6 @@ class FamilyFiles:
             self.since_stale = False
             for at, since in zip(self.oldest_at, self.since):
                 self.livemin[at] = since
-
-    def moved(self, key: Key | None, src: int, dst: int, slot: int, elapsed: float) -> None:
-        if self.backlog:
-            self._replay()
-        # `acquire` and `release` cost half of what ``with`` costs on a lock.
-        _lock.acquire()
-        try:
-            # Looked up under the lock: `Enum.remove()` may take the series away.
-            file = self.single if key is None else self.series.get(key)
-            if file is not None:
-                current = file.current
-                if current != dst and current >= 0:  # `StateFile.show`, inline
-                    group = file.group
-                    values, positions, doubles = group.values, group.positions, _live.doubles
-                    values[current] = 0.0
-                    doubles[positions[current]] = 0.0
-                    values[dst] = 1.0
-                    doubles[positions[dst]] = 1.0
-                    file.current = dst
-        finally:
-            _lock.release()
-        if src != dst:
-            livesum, at, counts = self.livesum, self.machines_at, self.family.counts
-            livesum[at[src]] = counts[src]
-            livesum[at[dst]] = counts[dst]
-        try:
-            self.counters[self.transitions_at[slot]] += 1.0
-        except IndexError:
-            self._count_new(slot)
-        histograms = self.histograms
-        histograms[self.buckets_at[src][bisect_left(self.bounds, elapsed)]] += 1.0
-        histograms[self.sums_at[src]] += elapsed
 
     def transition(
         self,

@@ -536,74 +536,6 @@ def own_counts(path: Path, pid: int) -> dict[str, float]:
     return counts
 
 
-def run_one_call_per_transition(report: Any) -> None:
-    """`transition` writes what `moved`, `oldest` and `triggered` write, one call each, for
-    the same arguments: two classes alike, one written each way, read back merged."""
-    try:
-        one, three = diff_class("mpone"), diff_class("mpthree")
-        family: Any = one._family
-        single: Any = family.mirror
-        other_family: Any = three._family
-        split = other_family.mirror
-        slots = len(family.transition_labels)
-        states, triggers = len(family.states), len(family.trigger_names)
-        seconds = st.floats(0, 100, allow_nan=False)
-        call = st.tuples(
-            st.integers(0, states - 1),
-            st.integers(0, states - 1),
-            st.integers(0, slots - 1),
-            seconds,
-            st.booleans(),
-            st.booleans(),
-            st.integers(0, triggers - 1),
-            st.none() | seconds,
-        )
-
-        @settings(max_examples=30, deadline=None, database=None)
-        @given(st.lists(call, max_size=10))
-        def check(calls: list[tuple[Any, ...]]) -> None:
-            for src, dst, slot, elapsed, first, empty, tindex, latency in calls:
-                key = ("k",)  # no machine of this label set: no Enum series
-                single.transition(
-                    key, src, dst, slot, elapsed, time.perf_counter(), first, empty, tindex, latency
-                )
-                split.moved(key, src, dst, slot, elapsed)
-                if first:
-                    split.oldest(src, None)  # no machine stays in `src`
-                if empty:
-                    split.oldest(dst, time.time())
-                if latency is not None:
-                    split.triggered(tindex, latency)
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=os.environ[VARIABLE])
-            metrics = list(registry.collect())
-            got = {}
-            for prefix in ("mpone", "mpthree"):
-                samples = {}
-                for metric in metrics:
-                    for s in metric.samples:
-                        if s.name.startswith(prefix):
-                            labels = {k.replace(prefix, ""): v for k, v in s.labels.items()}
-                            name = s.name.replace(prefix, "")
-                            samples[(name, tuple(sorted(labels.items())))] = s.value
-                got[prefix] = samples
-            assert got["mpone"].keys() == got["mpthree"].keys()
-            for sample, value in got["mpone"].items():
-                other = got["mpthree"][sample]
-                if "oldest" in sample[0]:
-                    assert value == other or abs(value - other) < 1, (sample, value, other)
-                else:
-                    assert value == other, (sample, value, other)
-
-        check()
-        report.put(("ok", single.direct, split.direct))
-    except BaseException:
-        report.put(("error", traceback.format_exc()))
-
-
-# -- tests -----------------------------------------------------------------------------------
-
-
 def child_result(path: Path | None, target: Any, *args: Any) -> Any:
     report: Any = SPAWN.Queue()
     process = start(path, target, report, *args)
@@ -729,7 +661,3 @@ def test_forked_parent_and_child_count_apart(tmp_path: Path) -> None:
     # `cycles` ends with a `finish` that raises: an error, and a latency too.)
     assert own_counts(tmp_path, parent) == {"start": 3.0, "errors": 2.0, "finish_latencies": 5.0}
     assert own_counts(tmp_path, child) == {"start": 5.0, "errors": 1.0, "finish_latencies": 6.0}
-
-
-def test_one_call_writes_what_three_calls_write(tmp_path: Path) -> None:
-    assert child_result(tmp_path, run_one_call_per_transition) == ("ok", True, True)
