@@ -314,34 +314,38 @@ def _hold(turn: Turn) -> None:
 # -- the state change ------------------------------------------------------------------
 
 
-def change_state(machine: MeteredMachine, step: Step, started: float | None = None) -> None:
+def change_state(machine: MeteredMachine, step: Step, at_once: bool = False) -> None:
     """Move the machine to the step's destination, with every metric, in one step.
 
     An internal step (dest None) only counts. The state the machine leaves is the one it
     is in: a trigger nested in an earlier callback of this transition may have moved it.
-    `started`, on the fast path, is when the trigger began: its latency is observed here.
+    `at_once`: the trigger took its step at once, awaiting nothing and running no
+    callback, and its latency is observed here, as zero (the time it takes is that of the
+    state change itself, a fraction of a microsecond).
     """
     if machine._series is None or machine._state is not step.source or step.dest is None:
-        _change_state(machine, step, started)
+        _change_state(machine, step, at_once)
     else:
-        _move(machine, step, started)
+        _move(machine, step, at_once)
 
 
-def _move(machine: MeteredMachine, step: Step, started: float | None) -> None:
+def _move(machine: MeteredMachine, step: Step, at_once: bool) -> None:
     """`change_state` for an open machine in the step's source state and a step that
     moves: the common case, in a body of its own (`_change_state` does the rest)."""
     family = step.family
     if family.mirror is not None or exemplar_source is not None:
         if exemplar_source is None:
-            _move_mirrored(machine, step, started)
+            _move_mirrored(machine, step, at_once)
         else:
-            _change_state(machine, step, started)
+            _change_state(machine, step, at_once)
         return
     now = _perf_counter()
     token = machine._token
     src = step.src
     dst = step.dst
-    with family.lock:
+    lock = family.lock
+    lock.acquire()  # with `release` in `finally`: cheaper than `with`
+    try:
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
@@ -354,21 +358,20 @@ def _move(machine: MeteredMachine, step: Step, started: float | None) -> None:
         family.stays[dst][token] = now
         machine._series.child._value = dst  # type: ignore[union-attr]
         machine._state = step.dest  # type: ignore[assignment]
-        if started is not None:
-            latency = now - started
-            tindex = step.tindex
+        if at_once:
+            # Observed as zero: the first bucket, unless a class's buckets go below zero.
             bounds = family.trigger_bounds
-            # A trigger that awaited nothing is far below the lowest bucket: no bisection.
-            bucket = 0 if latency <= bounds[0] else bisect_left(bounds, latency)
-            family.trigger_hist[tindex][bucket] += 1
-            family.trigger_sum[tindex] += latency
+            bucket = 0 if bounds[0] >= 0.0 else bisect_left(bounds, 0.0)
+            family.trigger_hist[step.tindex][bucket] += 1
+    finally:
+        lock.release()
     if machine._timers is not None:
         machine._timers.moved(step.dest, step.entered)
     if step.listening or machine._listeners is not None:
         _notify(machine, step, step.source, elapsed)
 
 
-def _move_mirrored(machine: MeteredMachine, step: Step, started: float | None) -> None:
+def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
     """`_move` in multiprocess mode: the same, and everything the other processes will
     read written by one `mirror.transition` call under the lock."""
     family = step.family
@@ -379,7 +382,9 @@ def _move_mirrored(machine: MeteredMachine, step: Step, started: float | None) -
     src = step.src
     dst = step.dst
     series: Series = machine._series  # type: ignore[assignment]
-    with family.lock:
+    lock = family.lock
+    lock.acquire()
+    try:
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
@@ -397,21 +402,24 @@ def _move_mirrored(machine: MeteredMachine, step: Step, started: float | None) -
         entering[token] = now
         series.child._value = dst
         machine._state = step.dest  # type: ignore[assignment]
-        latency = None if started is None else now - started
-        if latency is not None:
-            tindex = step.tindex
-            family.trigger_hist[tindex][bisect_left(family.trigger_bounds, latency)] += 1
-            family.trigger_sum[tindex] += latency
+        latency = None
+        if at_once:
+            latency = 0.0
+            bounds = family.trigger_bounds
+            bucket = 0 if bounds[0] >= 0.0 else bisect_left(bounds, 0.0)
+            family.trigger_hist[step.tindex][bucket] += 1
         mirror.transition(
             series.key, src, dst, step.slot, elapsed, now, first, empty, step.tindex, latency
         )
+    finally:
+        lock.release()
     if machine._timers is not None:
         machine._timers.moved(step.dest, step.entered)
     if step.listening or machine._listeners is not None:
         _notify(machine, step, step.source, elapsed)
 
 
-def _change_state(machine: MeteredMachine, step: Step, started: float | None) -> None:
+def _change_state(machine: MeteredMachine, step: Step, at_once: bool) -> None:
     """`change_state` for every case: another source state, a closed machine, an internal
     step, multiprocess mode, exemplars."""
     family = step.family
@@ -432,7 +440,7 @@ def _change_state(machine: MeteredMachine, step: Step, started: float | None) ->
         family.transitions[slot] += 1
         mirror = family.mirror
         series: Series | None = machine._series
-        latency = None if started is None else now - started
+        latency = 0.0 if at_once else None
         if dest is None:
             if mirror is not None:
                 mirror.counted(slot)
@@ -601,9 +609,9 @@ def run_steps(
                 if type(result) not in _PLAIN and isawaitable(result):
                     yield result
         if machine._series is None or machine._state is not step.source or step.dest is None:
-            _change_state(machine, step, None)
+            _change_state(machine, step, False)
         else:
-            _move(machine, step, None)
+            _move(machine, step, False)
         if step.dest is not None:
             if event is not None:
                 hooks = type(machine)._hooks
@@ -671,7 +679,7 @@ async def fire(
             if steps is not None:
                 step = steps[0]
                 if step.bare:
-                    change_state(machine, step, _perf_counter())
+                    change_state(machine, step, True)
                     return True
         turn = machine._owner = Turn()
     elif owner in _held.get() and _nests(owner):
@@ -741,7 +749,7 @@ def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool
             if steps is not None:
                 step = steps[0]
                 if step.bare:
-                    _move(machine, step, _perf_counter())
+                    _move(machine, step, True)
                     return True
                 started = _perf_counter()
                 running = run_steps(machine, steps, args, kwargs)

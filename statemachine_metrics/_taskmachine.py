@@ -226,7 +226,7 @@ class TaskMachine(MeteredMachine, abstract=True):
                     await enter(machine)
                 try:
                     if first is not None and start.fire is _engine.fire:
-                        change_state(machine, first, _perf_counter())
+                        change_state(machine, first, True)
                     else:
                         await _fire(machine, start)
                     result = await func(*args, **kwargs)

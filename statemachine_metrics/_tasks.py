@@ -100,7 +100,7 @@ def _now(machine: MeteredMachine, trigger: _Trigger) -> bool:
         if steps is not None:
             step = steps[0]
             if step.bare:
-                change_state(machine, step, _perf_counter())
+                change_state(machine, step, True)
                 return True
     return False
 

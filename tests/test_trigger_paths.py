@@ -292,3 +292,51 @@ async def test_a_wrapped_fire_sees_every_trigger_method_call() -> None:
             dispatch.fire = originals[name]
     assert seen == ["start", "check"]
     assert machine.state == "done"
+
+
+def latency(registry: CollectorRegistry, name: str, trigger: str) -> tuple[float, float, float]:
+    """(count, sum, first bucket) of `trigger`'s latency histogram."""
+    labels = {"trigger": trigger}
+    histogram = f"{name}_trigger_duration_seconds"
+    values = [
+        registry.get_sample_value(f"{histogram}_count", labels),
+        registry.get_sample_value(f"{histogram}_sum", labels),
+        registry.get_sample_value(f"{histogram}_bucket", {**labels, "le": "0.0001"}),
+    ]
+    return tuple(0.0 if v is None else v for v in values)  # type: ignore[return-value]
+
+
+async def test_a_trigger_taken_at_once_is_observed_as_taking_no_time() -> None:
+    # No callback ran and nothing was awaited: zero, whichever way it was fired. A trigger
+    # that ran a callback is observed with the time it took.
+    registry = CollectorRegistry()
+    log: list[str] = []
+    worker = worker_class(log, registry)()
+    name = type(worker).metric_names()[0]
+    await worker.start()
+    await worker.trigger("check")  # callbacks: measured
+    await worker.reset()
+    await worker.trigger("start")
+    assert latency(registry, name, "start") == (2.0, 0.0, 2.0)
+    assert latency(registry, name, "reset") == (1.0, 0.0, 1.0)
+    count, seconds, _ = latency(registry, name, "check")
+    assert count == 1.0
+    assert seconds > 0.0
+
+
+async def test_a_class_whose_latency_buckets_go_below_zero_still_counts_zero_right() -> None:
+    registry = CollectorRegistry()
+
+    class Odd(MeteredMachine, registry=registry):
+        states = ["idle", "running"]
+        transitions = [["start", "idle", "running"]]
+        trigger_buckets = (-1.0, 0.0, 1.0)
+
+    await Odd().start()
+    name = Odd.metric_names()[0]
+    histogram = f"{name}_trigger_duration_seconds_bucket"
+    buckets = [
+        registry.get_sample_value(histogram, {"trigger": "start", "le": le})
+        for le in ("-1.0", "0.0", "1.0")
+    ]
+    assert buckets == [0.0, 1.0, 1.0]
