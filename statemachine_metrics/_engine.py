@@ -61,7 +61,12 @@ class Callback:
         self.name = name
         self.func = func
 
-    def __call__(self, machine: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def call(self, machine: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call it for `machine` with the trigger's arguments; its result.
+
+        The engine calls `call` rather than the instance: a method call of a Python
+        function runs in the interpreter's own frame, an instance's ``__call__`` does not.
+        """
         func = self.func
         if func is None:
             # Resolved on the instance at each call, as transitions does with a model.
@@ -70,7 +75,11 @@ class Callback:
                 func = self._imported(machine)
             elif not callable(func):
                 return func  # a property or plain attribute: its value
-        return func(*args, **kwargs)
+        if kwargs:
+            return func(*args, **kwargs)
+        return func(*args) if args else func()
+
+    __call__ = call
 
     def _imported(self, machine: object) -> Callable[..., Any]:
         # Not an attribute: a dotted path, imported once by transitions' own resolution.
@@ -273,7 +282,7 @@ def _calls(
 ) -> _Run:
     """Run callbacks one after another, in list order; yield what is to be awaited."""
     for callback in callbacks:
-        result = callback(machine, args, kwargs)
+        result = callback.call(machine, args, kwargs)
         if type(result) not in _PLAIN and isawaitable(result):
             yield result
     yield True
@@ -288,7 +297,7 @@ def _checks(
     """Evaluate every condition in order (no short cut, as AsyncMachine); True if all pass."""
     passed = True
     for condition in conditions:
-        result = condition.callback(machine, args, kwargs)
+        result = condition.callback.call(machine, args, kwargs)
         if type(result) not in _PLAIN and isawaitable(result):
             result = yield result
         if result != condition.target:
@@ -300,6 +309,7 @@ async def _complete(running: _Run, turn: Turn | None) -> bool:
     """Run a `_Run` to its outcome, awaiting only when it yields an awaitable."""
     pending = running.send(None)
     if pending is True or pending is False:
+        next(running, None)
         return pending
     return await finish(running, pending, turn)
 
@@ -557,6 +567,8 @@ def _notify(machine: MeteredMachine, step: Step, source: str, elapsed: float | N
 #: A transition in progress: a generator that yields each awaitable its callbacks return
 #: (and is sent its result), then yields its outcome, a bool. Sync callbacks never leave
 #: it, so a transition without async callbacks costs one generator and no coroutine.
+#: Resumed once more after its outcome (``next(running, None)``), it ends: cheaper than
+#: leaving it suspended, which makes its deallocation throw GeneratorExit into it.
 _Run = Generator[Any, Any, None]
 
 _PLAIN = frozenset((type(None), bool))
@@ -580,19 +592,19 @@ def run_steps(
         args, kwargs = (event,), {}
     for step in steps:
         for callback in step.lead:  # before the step is the event's transition, as there
-            result = callback(machine, args, kwargs)
+            result = callback.call(machine, args, kwargs)
             if type(result) not in _PLAIN and isawaitable(result):
                 yield result
         if event is not None:
             event.transition = step.info
         for callback in step.prepare:
-            result = callback(machine, args, kwargs)
+            result = callback.call(machine, args, kwargs)
             if type(result) not in _PLAIN and isawaitable(result):
                 yield result
         if step.conditions:
             passed = True
             for condition in step.conditions:
-                result = condition.callback(machine, args, kwargs)
+                result = condition.callback.call(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
                     result = yield result
                 if result != condition.target:
@@ -600,12 +612,12 @@ def run_steps(
             if not passed:
                 continue
         for callback in step.before:
-            result = callback(machine, args, kwargs)
+            result = callback.call(machine, args, kwargs)
             if type(result) not in _PLAIN and isawaitable(result):
                 yield result
         if step.dest is not None:
             for callback in step.exit:
-                result = callback(machine, args, kwargs)
+                result = callback.call(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
                     yield result
         if machine._series is None or machine._state is not step.source or step.dest is None:
@@ -618,14 +630,15 @@ def run_steps(
                 assert hooks is not None
                 event.state = hooks.states[step.dest]
             for callback in step.enter:
-                result = callback(machine, args, kwargs)
+                result = callback.call(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
                     yield result
         for callback in step.after:
-            result = callback(machine, args, kwargs)
+            result = callback.call(machine, args, kwargs)
             if type(result) not in _PLAIN and isawaitable(result):
                 yield result
         yield True
+        return
     yield False
 
 
@@ -641,6 +654,7 @@ async def finish(running: _Run, pending: Any, turn: Turn | None) -> bool:
         else:
             pending = running.send(value)
         if pending is True or pending is False:
+            next(running, None)
             return pending
 
 
@@ -707,7 +721,9 @@ async def fire(
                 else:
                     running = run_steps(machine, steps, args, kwargs)
                     result = running.send(None)
-                    if result is not True and result is not False:
+                    if result is True or result is False:
+                        next(running, None)
+                    else:
                         result = await finish(running, result, turn)
             except Exception as exc:
                 dispatch.family.error(dispatch.name, exc)
@@ -761,6 +777,7 @@ def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool
                     family.triggered(dispatch.index, _perf_counter() - started)
                     raise
                 if result is True or result is False:
+                    next(running, None)
                     family.triggered(dispatch.index, _perf_counter() - started)
                     return result
                 return await _resume(machine, dispatch, running, result, started)
