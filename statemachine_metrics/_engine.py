@@ -359,20 +359,18 @@ def _move(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
-        elapsed = now - family.stays[src].pop(token)
+        stays = family.stays
+        elapsed = now - stays[src].pop(token)
         family.hist[src][bisect_left(family.bounds, elapsed)] += 1
         family.hist_sum[src] += elapsed
         counts = family.counts
         counts[src] -= 1
         counts[dst] += 1
-        family.stays[dst][token] = now
+        stays[dst][token] = now
         machine._series.child._value = dst  # type: ignore[union-attr]
         machine._state = step.dest  # type: ignore[assignment]
         if at_once:
-            # Observed as zero: the first bucket, unless a class's buckets go below zero.
-            bounds = family.trigger_bounds
-            bucket = 0 if bounds[0] >= 0.0 else bisect_left(bounds, 0.0)
-            family.trigger_hist[step.tindex][bucket] += 1
+            family.trigger_hist[step.tindex][family.quick] += 1  # observed as zero
     finally:
         lock.release()
     if machine._timers is not None:
@@ -415,9 +413,7 @@ def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         latency = None
         if at_once:
             latency = 0.0
-            bounds = family.trigger_bounds
-            bucket = 0 if bounds[0] >= 0.0 else bisect_left(bounds, 0.0)
-            family.trigger_hist[step.tindex][bucket] += 1
+            family.trigger_hist[step.tindex][family.quick] += 1
         mirror.transition(
             series.key, src, dst, step.slot, elapsed, now, first, empty, step.tindex, latency
         )

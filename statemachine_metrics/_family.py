@@ -215,6 +215,8 @@ class Family:
         self.hist_exemplars: list[list[Exemplar | None]] = [[None] * len(buckets) for _ in states]
         self.trigger_names = tuple(triggers)
         self.trigger_bounds = trigger_buckets
+        #: The bucket of a trigger observed as taking no time.
+        self.quick = bisect_left(trigger_buckets, 0.0)
         self.trigger_bucket_names = tuple(str(floatToGoString(b)) for b in trigger_buckets)
         self.trigger_hist = [[0] * len(trigger_buckets) for _ in self.trigger_names]
         self.trigger_sum = [0.0] * len(self.trigger_names)

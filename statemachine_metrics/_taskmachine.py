@@ -24,7 +24,6 @@ from ._tasks import (
     _now,
     _perf_counter,
     _plan,
-    _quick,
     _settle,
     enter,
     exit,
@@ -304,7 +303,7 @@ def _fused(
     fire = _engine.fire
     # The buckets of the zero durations the fused steps observe.
     idle = bisect_left(family.bounds, 0.0)
-    quick = _quick(family)
+    quick = family.quick
     # `succeed`'s step from each state it may leave in the fused close.
     closing = (
         {}

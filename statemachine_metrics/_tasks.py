@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-    from ._family import Family
     from ._machine import MeteredMachine
 
 __all__ = ["Track", "check_timeouts", "enter", "exit"]
@@ -121,11 +120,6 @@ def _moves(trigger: _Trigger) -> dict[str, _engine.Step]:
         for state, steps in trigger.steps.items()
         if steps[0].bare and steps[0].dest is not None
     }
-
-
-def _quick(family: Family) -> int:
-    """The trigger-latency bucket of a zero latency."""
-    return bisect_left(family.trigger_bounds, 0.0)
 
 
 def _moved(machine: MeteredMachine, step: _engine.Step, quick: int) -> None:
@@ -349,7 +343,7 @@ class Track:
         # What `enter` and `success` may take at once, in one locked step (`_at_once`).
         self._enter_moves = _moves(self._enter)
         self._success_moves = _moves(self._success)
-        self._quick = _quick(self._enter.family)
+        self._quick = self._enter.family.quick
 
     async def __aenter__(self) -> None:
         machine = self._machine
