@@ -16,6 +16,7 @@ SUITES = [
     "nesting",
     "scale",
     "multiprocess",
+    "instructions",
 ]
 
 

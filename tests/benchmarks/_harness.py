@@ -26,6 +26,8 @@ class Table:
     unit: str = "µs/op"
     rows: list[Row] = field(default_factory=list)
     following: list[Table] = field(default_factory=list)
+    #: Printed under the title, for a table that could not be measured.
+    note: str = ""
 
     def then(self, other: Table) -> Table:
         """Print `other` after this table."""
@@ -40,8 +42,11 @@ class Table:
         return row
 
     def render(self) -> str:
+        if not self.rows:
+            return f"## {self.title}\n\n{self.note}\n"
         by_name = {row.name: row for row in self.rows}
-        scale = {"µs/op": 1e6, "ms/op": 1e3, "s/op": 1.0, "bytes": 1.0}[self.unit]
+        scale = {"µs/op": 1e6, "ms/op": 1e3, "s/op": 1.0, "bytes": 1.0, "instructions": 1.0}
+        digits = 0 if self.unit == "instructions" else 3
         width = max(len(row.name) for row in self.rows)
         lines = [f"## {self.title}", "", f"| case | {self.unit} | ratio |", "| --- | ---: | ---: |"]
         for row in self.rows:
@@ -51,7 +56,8 @@ class Table:
                 if other is not None
             ]
             ratio = "; ".join(ratios)
-            lines.append(f"| {row.name:<{width}} | {row.seconds * scale:.3f} | {ratio} |")
+            value = row.seconds * scale[self.unit]
+            lines.append(f"| {row.name:<{width}} | {value:.{digits}f} | {ratio} |")
         text = "\n".join(lines) + "\n"
         return "\n".join([text, *(table.render() for table in self.following)])
 
