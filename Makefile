@@ -22,8 +22,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy statemachine_metrics
 
+# Two workers: the suite's subprocess, hypothesis and real-server tests run side by side.
 pytest: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # examples/ and the docs' python blocks under mypy --strict (with the plugin) and pyright strict.
 typecheck-examples: $(STAMP)
