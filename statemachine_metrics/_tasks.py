@@ -16,7 +16,6 @@ import math
 import sys
 import time
 import weakref
-from bisect import bisect_left
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import (
@@ -34,7 +33,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from . import _engine
-from ._engine import Dispatch, change_state
+from ._engine import Dispatch, _move
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -98,82 +97,15 @@ def _now(machine: MeteredMachine, trigger: _Trigger) -> bool:
         steps = trigger.steps.get(machine._state)
         if steps is not None:
             step = steps[0]
-            if step.bare:
-                change_state(machine, step, True)
+            if step.bare:  # and the machine is open, in the step's source state
+                _move(machine, step, True)
                 return True
     return False
 
 
-#: Whether `Track` and `TaskMachine.task` may count a state change in one locked step of
-#: their own (`_moved`, and the fused lifecycle of a task); read when decorating, and by
-#: ``async with machine.track(...)`` at each use. Off, they take the engine's path.
+#: Whether `TaskMachine.task` may create, start and close a task's machine in one locked
+#: step each (its fused lifecycle); read when decorating. Off, it takes the engine's path.
 _fuse = True
-
-
-def _moves(trigger: _Trigger) -> dict[str, _engine.Step]:
-    """The steps of `trigger` that `_moved` may take, by source state: the bare ones that
-    move; none for a trigger with machine-level hooks, or in multiprocess mode."""
-    if trigger.hooks is not None or trigger.family.mirror is not None:
-        return {}
-    return {
-        state: steps[0]
-        for state, steps in trigger.steps.items()
-        if steps[0].bare and steps[0].dest is not None
-    }
-
-
-def _moved(machine: MeteredMachine, step: _engine.Step, quick: int) -> None:
-    """`change_state` where only the metrics can see it: an open machine, in the step's
-    source state, with no timers, no listeners (the class's or its own), no exemplars
-    and no multiprocess mode, and a bare step that moves; the caller checks all that.
-
-    One locked step, the trigger's latency observed as zero (in bucket `quick`): it
-    takes no time of its own beyond the state change.
-    """
-    family = step.family
-    now = _perf_counter()
-    token = machine._token
-    src = step.src
-    dst = step.dst
-    lock = family.lock
-    lock.acquire()  # cheaper than `with`, on a path taken for every tracked call
-    try:
-        if family.pending:
-            family._drain()
-        family.transitions[step.slot] += 1
-        stays = family.stays
-        elapsed = now - stays[src].pop(token)
-        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
-        family.hist_sum[src] += elapsed
-        counts = family.counts
-        counts[src] -= 1
-        counts[dst] += 1
-        stays[dst][token] = now
-        machine._series.child._value = dst  # type: ignore[union-attr]
-        machine._state = step.dest  # type: ignore[assignment]
-        family.trigger_hist[step.tindex][quick] += 1
-    finally:
-        lock.release()
-
-
-def _at_once(
-    machine: MeteredMachine, trigger: _Trigger, moves: dict[str, _engine.Step], quick: int
-) -> bool:
-    """Fire `trigger` synchronously if it can be: by `_moved` where only the metrics can
-    see it (`moves` from `_moves`), else as `_now` does. True if it fired."""
-    if (
-        machine._owner is None
-        and machine._series is not None
-        and machine._timers is None
-        and machine._listeners is None
-        and trigger.fire is _engine.fire
-        and _engine.exemplar_source is None
-    ):
-        step = moves.get(machine._state)
-        if step is not None and not step.listening:
-            _moved(machine, step, quick)
-            return True
-    return _now(machine, trigger)
 
 
 def _first_step(trigger: _Trigger, state: str) -> _engine.Step | None:
@@ -317,12 +249,9 @@ class Track:
     __slots__ = (
         "_cancel",
         "_enter",
-        "_enter_moves",
         "_error",
         "_machine",
-        "_quick",
         "_success",
-        "_success_moves",
     )
 
     def __init__(
@@ -340,18 +269,10 @@ class Track:
         self._success = _resolve(cls, success, where, "success")
         self._error = None if error is None else _resolve(cls, error, where, "error")
         self._cancel = None if cancel is None else _resolve(cls, cancel, where, "cancel")
-        # What `enter` and `success` may take at once, in one locked step (`_at_once`).
-        self._enter_moves = _moves(self._enter)
-        self._success_moves = _moves(self._success)
-        self._quick = self._enter.family.quick
 
     async def __aenter__(self) -> None:
         machine = self._machine
-        if (
-            _at_once(machine, self._enter, self._enter_moves, self._quick)
-            if _fuse
-            else _now(machine, self._enter)
-        ):
+        if _now(machine, self._enter):
             return
         state = machine._state
         try:
@@ -369,11 +290,7 @@ class Track:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None and (
-            _at_once(self._machine, self._success, self._success_moves, self._quick)
-            if _fuse
-            else _now(self._machine, self._success)
-        ):
+        if exc is None and _now(self._machine, self._success):
             return
         await _settle(self._machine, exc, self._success, self._error, self._cancel, _NONE)
 
@@ -391,68 +308,22 @@ class Track:
         machine, enter, success = self._machine, self._enter, self._success
         error, cancel = self._error, self._cancel
 
-        if not _fuse:
-            # What ``async with self`` does, without its frames where the triggers can
-            # fire at once (`_now`); anything else takes the awaited path of
-            # `__aenter__`/`_settle`.
-            @functools.wraps(func)
-            async def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
-                if not _now(machine, enter):
-                    await self.__aenter__()
-                try:
-                    result = await func(*args, **kwargs)
-                except BaseException as failure:
-                    await _settle(machine, failure, success, error, cancel, _NONE)
-                    raise
-                if not _now(machine, success):
-                    await _settle(machine, None, success, error, cancel, _NONE)
-                return result
-
-            return tracked
-
-        entering, succeeding, quick = self._enter_moves, self._success_moves, self._quick
-        fire = _engine.fire
-
-        # The same, where each trigger that only the metrics can see is one locked step
-        # (`_moved`, as `_at_once` takes it, its checks written out here).
+        # What ``async with self`` does, without its frames where the triggers can fire at
+        # once (`_now`); anything else takes the awaited path of `__aenter__`/`_settle`.
         @functools.wraps(func)
-        async def fused(*args: P.args, **kwargs: P.kwargs) -> T:
-            step = entering.get(machine._state)
-            if (
-                step is not None
-                and machine._owner is None
-                and machine._series is not None
-                and machine._timers is None
-                and machine._listeners is None
-                and not step.listening
-                and enter.fire is fire
-                and _engine.exemplar_source is None
-            ):
-                _moved(machine, step, quick)
-            elif not _now(machine, enter):
+        async def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
+            if not _now(machine, enter):
                 await self.__aenter__()
             try:
                 result = await func(*args, **kwargs)
             except BaseException as failure:
                 await _settle(machine, failure, success, error, cancel, _NONE)
                 raise
-            step = succeeding.get(machine._state)
-            if (
-                step is not None
-                and machine._owner is None
-                and machine._series is not None
-                and machine._timers is None
-                and machine._listeners is None
-                and not step.listening
-                and success.fire is fire
-                and _engine.exemplar_source is None
-            ):
-                _moved(machine, step, quick)
-            elif not _now(machine, success):
+            if not _now(machine, success):
                 await _settle(machine, None, success, error, cancel, _NONE)
             return result
 
-        return fused
+        return tracked
 
     def __repr__(self) -> str:
         names = [

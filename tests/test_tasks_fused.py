@@ -1,7 +1,8 @@
 """The one-step paths of `TaskMachine.task` and `track()`, against the engine's path.
 
 A task whose state changes only the metrics can see is made already started and closed in
-the same locked step as ``succeed``; a tracked call's triggers are one locked step each.
+the same locked step as ``succeed``; a tracked call's triggers change the state at once
+(`_now`, by the engine's `_move`) when the turn is free and the step has no callbacks.
 The same jobs run with those paths on and forced off must export the same samples (all
 but timings' values) and the same listener events and spans; where anything but the
 metrics could see the difference, the one-step paths must not be taken at all.
@@ -47,7 +48,7 @@ class Taken:
     """How often each one-step path ran."""
 
     def __init__(self) -> None:
-        self.counts = {"_attach_moved": 0, "_detach_moved": 0, "_moved": 0}
+        self.counts = {"_attach_moved": 0, "_detach_moved": 0, "_move": 0}
 
     def reset(self) -> None:
         self.counts = dict.fromkeys(self.counts, 0)
@@ -66,7 +67,7 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
     for module, name in (
         (_taskmachine, "_attach_moved"),
         (_taskmachine, "_detach_moved"),
-        (_tasks, "_moved"),
+        (_tasks, "_move"),
     ):
         real = getattr(module, name)
 
@@ -80,6 +81,14 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
 
 def fusing(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
     monkeypatch.setattr(_tasks, "_fuse", on)
+    # `track()` fires at once through `_now`; off, every trigger takes the awaited path.
+    if on:
+        monkeypatch.setattr(_tasks, "_now", _NOW)
+    else:
+        monkeypatch.setattr(_tasks, "_now", lambda machine, trigger: False)
+
+
+_NOW = _tasks._now
 
 
 def exported(registry: CollectorRegistry) -> list[Sample]:
@@ -214,7 +223,7 @@ def test_fused_task_exports_what_the_engine_path_does(
     taken.reset()
     fusing(monkeypatch, False)
     slow = run_tasks(anyio_backend, labelled, plan, concurrent)
-    assert taken.total() == 0
+    assert taken.counts["_attach_moved"] == taken.counts["_detach_moved"] == 0
     fusing(monkeypatch, True)
     fast = run_tasks(anyio_backend, labelled, plan, concurrent)
     if concurrent:
@@ -264,7 +273,7 @@ def test_fused_task_counts_like_the_engine_path_in_detail(
     }
     # No machine left, and the label set went with its last machine.
     assert not [s for s in samples if s[0] == state]
-    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_moved": 0}
+    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_move": 0}
 
 
 # -- track() ---------------------------------------------------------------------------
@@ -351,7 +360,7 @@ def test_one_step_track_exports_what_the_engine_path_does(
     fast = run_tracked(anyio_backend, plan)
     assert fast == slow
     if plan and plan[0][0] != "listen":
-        assert taken.counts["_moved"] > 0  # at least the first job's start
+        assert taken.counts["_move"] > 0  # at least the first job's start
 
 
 # -- where the one-step paths must not be taken ------------------------------------------
@@ -371,7 +380,7 @@ def both_ways(
     monkeypatch: pytest.MonkeyPatch,
     taken: Taken,
     run: Callable[[], Any],
-    untouched: tuple[str, ...] = ("_attach_moved", "_detach_moved", "_moved"),
+    untouched: tuple[str, ...] = ("_attach_moved", "_detach_moved"),
 ) -> tuple[Any, Any]:
     """`run` with the one-step paths forced off, then on: the same results, and the
     `untouched` paths never taken."""
@@ -390,17 +399,16 @@ TASK_PATHS = ("_attach_moved", "_detach_moved")
 @pytest.mark.parametrize(
     ("members", "untouched"),
     [
-        # Timers: a task's machine is entered, so is the worker (`run_tracked`).
-        pytest.param(
-            {"timeouts": {"running": (60.0, "fail")}}, (*TASK_PATHS, "_moved"), id="timeouts"
-        ),
+        # Timers: a task's machine is entered (the worker's triggers may still fire at
+        # once: the engine's `_move` restarts timers).
+        pytest.param({"timeouts": {"running": (60.0, "fail")}}, TASK_PATHS, id="timeouts"),
         # `start` has a callback: no task is made started; `finish` may still be one step.
         pytest.param({"on_enter_running": "note"}, TASK_PATHS, id="callback entering running"),
         # `succeed` and `finish` have a callback.
         pytest.param(
             {"on_exit_running": "note"}, ("_detach_moved",), id="callback leaving running"
         ),
-        pytest.param({"prepare_event": "noted"}, (*TASK_PATHS, "_moved"), id="machine-level hook"),
+        pytest.param({"prepare_event": "noted"}, (*TASK_PATHS, "_move"), id="machine-level hook"),
         pytest.param({"__init__": "own"}, TASK_PATHS, id="own __init__"),
     ],
 )
@@ -507,7 +515,7 @@ def test_instrumented_classes_are_served_by_the_engine_path(
         ]
         return tasks, tracked, spans
 
-    slow, _ = both_ways(monkeypatch, taken, run)
+    slow, _ = both_ways(monkeypatch, taken, run, (*TASK_PATHS, "_move"))
     names = {name for name, _, _ in slow[2]}
     assert {"Jobs start", "Jobs succeed", "Worker start", "Worker finish"} <= names, names
 
@@ -539,7 +547,7 @@ def test_a_fused_call_s_machine_is_what_construction_and_start_make(
         return machine, made
 
     machine, made = anyio.run(main)
-    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_moved": 0}
+    assert taken.counts == {"_attach_moved": 1, "_detach_moved": 1, "_move": 0}
     for different in ("_token", "_series"):
         assert seen.pop(different) != made.pop(different)
     assert seen == made
