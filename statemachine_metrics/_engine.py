@@ -586,17 +586,21 @@ def run_steps(
     """
     if event is not None:
         args, kwargs = (event,), {}
+    # Each callback list is tested before it is looped over: an empty tuple's iterator
+    # costs more than the test, and most lists are empty.
     for step in steps:
-        for callback in step.lead:  # before the step is the event's transition, as there
-            result = callback.call(machine, args, kwargs)
-            if type(result) not in _PLAIN and isawaitable(result):
-                yield result
+        if step.lead:  # before the step is the event's transition, as there
+            for callback in step.lead:
+                result = callback.call(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    yield result
         if event is not None:
             event.transition = step.info
-        for callback in step.prepare:
-            result = callback.call(machine, args, kwargs)
-            if type(result) not in _PLAIN and isawaitable(result):
-                yield result
+        if step.prepare:
+            for callback in step.prepare:
+                result = callback.call(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    yield result
         if step.conditions:
             passed = True
             for condition in step.conditions:
@@ -607,11 +611,12 @@ def run_steps(
                     passed = False
             if not passed:
                 continue
-        for callback in step.before:
-            result = callback.call(machine, args, kwargs)
-            if type(result) not in _PLAIN and isawaitable(result):
-                yield result
-        if step.dest is not None:
+        if step.before:
+            for callback in step.before:
+                result = callback.call(machine, args, kwargs)
+                if type(result) not in _PLAIN and isawaitable(result):
+                    yield result
+        if step.exit and step.dest is not None:
             for callback in step.exit:
                 result = callback.call(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
@@ -625,14 +630,16 @@ def run_steps(
                 hooks = type(machine)._hooks
                 assert hooks is not None
                 event.state = hooks.states[step.dest]
-            for callback in step.enter:
+            if step.enter:
+                for callback in step.enter:
+                    result = callback.call(machine, args, kwargs)
+                    if type(result) not in _PLAIN and isawaitable(result):
+                        yield result
+        if step.after:
+            for callback in step.after:
                 result = callback.call(machine, args, kwargs)
                 if type(result) not in _PLAIN and isawaitable(result):
                     yield result
-        for callback in step.after:
-            result = callback.call(machine, args, kwargs)
-            if type(result) not in _PLAIN and isawaitable(result):
-                yield result
         yield True
         return
     yield False
