@@ -463,6 +463,7 @@ tests:
 @STUCK@""".replace("@STUCK@", STUCK_TESTS)
 
 
+@requires_promtool
 def test_promtool_unit_tests_of_generated_alerts_in_multiprocess_mode(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
