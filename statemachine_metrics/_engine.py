@@ -151,6 +151,7 @@ class Step:
 
     __slots__ = (
         "after",
+        "attempt",
         "bare",
         "before",
         "conditions",
@@ -163,11 +164,13 @@ class Step:
         "info",
         "lead",
         "listening",
+        "plan",
         "prepare",
         "slot",
         "source",
         "src",
         "tindex",
+        "told",
         "trigger",
     )
 
@@ -185,6 +188,7 @@ class Step:
         enter: tuple[Callback, ...],
         after: tuple[Callback, ...],
         listening: list[Listener] | None = None,
+        lead: tuple[Callback, ...] = (),
     ) -> None:
         index = family.index
         self.family = family
@@ -212,7 +216,35 @@ class Step:
         self.bare = False
         #: The class's prepare_event callbacks, on the first step of each group of
         #: candidates tried together (one group; with nested states, one per level).
-        self.lead: tuple[Callback, ...] = ()
+        self.lead = lead
+        #: Everything the step does, in order, as `run_steps` runs it; `told`, the same
+        #: with the event data told its transition and state (``send_event``).
+        self.told: tuple[Op, ...] = (
+            *((_CALL, callback, True) for callback in lead),
+            (_INFO, _NO_CALLBACK, True),
+            *((_CALL, callback, True) for callback in prepare),
+            *((_COND, condition.callback, condition.target) for condition in conditions),
+            *(((_CHECK, _NO_CALLBACK, True),) if conditions else ()),
+            *((_CALL, callback, True) for callback in before),
+            *(() if dest is None else ((_CALL, callback, True) for callback in exit)),
+            (_MOVE, _NO_CALLBACK, True),
+            *(() if dest is None else ((_ENTERED, _NO_CALLBACK, True),)),
+            *(() if dest is None else ((_CALL, callback, True) for callback in enter)),
+            *((_CALL, callback, True) for callback in after),
+        )
+        self.plan = tuple(op for op in self.told if op[0] is not _INFO and op[0] is not _ENTERED)
+        #: The steps from this one's source, when this is the first, compiled into one
+        #: function for a trigger called without arguments (`_attempts`); None until the
+        #: first such call.
+        self.attempt: Callable[[MeteredMachine], bool | _Run] | None = None
+
+
+#: What a step does, one operation at a time (`Step.plan`): call a callback, check a
+#: condition (its callback's result against the target), stop if a condition failed,
+#: change the state, and tell the event data its transition or its state.
+_CALL, _COND, _CHECK, _MOVE, _INFO, _ENTERED = range(6)
+_NO_CALLBACK = Callback("", None)
+Op = tuple[int, Callback, bool]
 
 
 class Dispatch:
@@ -576,73 +608,80 @@ def run_steps(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     event: EventData | None = None,
+    i: int = 0,
+    k: int = 0,
+    passed: bool = True,
 ) -> _Run:
     """Try the steps in order; the first whose conditions pass runs. True if one ran.
 
     As transitions' `AsyncMachine`: prepare, conditions (all of them, no short cut),
-    before, exit, the state change, enter, after. With `event` (``send_event``),
-    callbacks get it alone instead of the trigger's arguments, and it follows the
-    transition as it goes.
+    before, exit, the state change, enter, after (`Step.plan`). With `event`
+    (``send_event``), callbacks get it alone instead of the trigger's arguments, and it
+    follows the transition as it goes. `i`, `k` and `passed` start it part of the way
+    through: at operation `k` of step `i`, with the conditions so far `passed` or not.
     """
     if event is not None:
         args, kwargs = (event,), {}
-    # Each callback list is tested before it is looped over: an empty tuple's iterator
-    # costs more than the test, and most lists are empty.
-    for step in steps:
-        if step.lead:  # before the step is the event's transition, as there
-            for callback in step.lead:
+    while i < len(steps):
+        step = steps[i]
+        plan = step.plan if event is None else step.told
+        for kind, callback, target in plan[k:] if k else plan:
+            if kind is _CALL:
                 result = callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
+                if (
+                    result is not None
+                    and result is not True
+                    and result is not False
+                    and isawaitable(result)
+                ):
                     yield result
-        if event is not None:
-            event.transition = step.info
-        if step.prepare:
-            for callback in step.prepare:
+            elif kind is _COND:
                 result = callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
-                    yield result
-        if step.conditions:
-            passed = True
-            for condition in step.conditions:
-                result = condition.callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
+                if (
+                    result is not None
+                    and result is not True
+                    and result is not False
+                    and isawaitable(result)
+                ):
                     result = yield result
-                if result != condition.target:
+                if result != target:
                     passed = False
-            if not passed:
-                continue
-        if step.before:
-            for callback in step.before:
-                result = callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
-                    yield result
-        if step.exit and step.dest is not None:
-            for callback in step.exit:
-                result = callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
-                    yield result
-        if machine._series is None or machine._state is not step.source or step.dest is None:
-            _change_state(machine, step, False)
+            elif kind is _MOVE:
+                if (
+                    machine._series is None
+                    or machine._state is not step.source
+                    or step.dest is None
+                ):
+                    _change_state(machine, step, False)
+                else:
+                    _move(machine, step, False)
+            elif kind is _CHECK:
+                if not passed:
+                    break
+            elif kind is _INFO:  # before the step is the event's transition, as there
+                event.transition = step.info  # type: ignore[union-attr]
+            else:  # _ENTERED
+                event.state = type(machine)._hooks.states[step.dest]  # type: ignore[index, union-attr]
         else:
-            _move(machine, step, False)
-        if step.dest is not None:
-            if event is not None:
-                hooks = type(machine)._hooks
-                assert hooks is not None
-                event.state = hooks.states[step.dest]
-            if step.enter:
-                for callback in step.enter:
-                    result = callback.call(machine, args, kwargs)
-                    if type(result) not in _PLAIN and isawaitable(result):
-                        yield result
-        if step.after:
-            for callback in step.after:
-                result = callback.call(machine, args, kwargs)
-                if type(result) not in _PLAIN and isawaitable(result):
-                    yield result
-        yield True
-        return
+            yield True
+            return
+        i += 1
+        k = 0
+        passed = True
     yield False
+
+
+def resume_at(
+    machine: MeteredMachine, steps: Sequence[Step], i: int, k: int, passed: bool, pending: Any
+) -> _Run:
+    """The rest of a transition begun without arguments by a compiled attempt
+    (`_attempts`), whose operation `k` of step `i` returned the awaitable `pending`:
+    started, it yields `pending` first."""
+    result = yield pending
+    kind, _, target = steps[i].plan[k]
+    if kind is _COND and result != target:
+        passed = False
+    yield from run_steps(machine, steps, (), {}, None, i, k + 1, passed)
 
 
 async def finish(running: _Run, pending: Any, turn: Turn | None) -> bool:
@@ -771,16 +810,28 @@ def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool
                     _move(machine, step, True)
                     return True
                 started = _perf_counter()
-                running = run_steps(machine, steps, args, kwargs)
                 try:
-                    result = running.send(None)
+                    if args or kwargs:
+                        running = run_steps(machine, steps, args, kwargs)
+                        result = running.send(None)
+                        if result is True or result is False:
+                            next(running, None)
+                    else:
+                        attempt = step.attempt
+                        if attempt is None:
+                            from ._attempts import attempt_for
+
+                            attempt = attempt_for(type(machine), steps)
+                        result = attempt(machine)
+                        if result is not True and result is not False:
+                            running = result
+                            result = running.send(None)  # the awaitable it stopped at
                 except BaseException as exc:
                     if isinstance(exc, Exception):
                         family.error(dispatch.name, exc)
                     family.triggered(dispatch.index, _perf_counter() - started)
                     raise
                 if result is True or result is False:
-                    next(running, None)
                     family.triggered(dispatch.index, _perf_counter() - started)
                     return result
                 return await _resume(machine, dispatch, running, result, started)

@@ -688,8 +688,13 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
             table: dict[str, tuple[Step, ...]] = {}
             for source, candidates in event.transitions.items():
                 steps = []
-                for t in candidates:
+                level: object = None
+                for i, t in enumerate(candidates):
                     where = f"transition {trigger!r} from {source!r}"
+                    # prepare_event runs before the first candidate of each group tried
+                    # together: one group, or with nested states, one per level.
+                    leads = i == 0 or getattr(t, "level", None) != level
+                    level = getattr(t, "level", None)
                     dest_label = t.dest if t.dest is not None else source
                     steps.append(
                         Step(
@@ -712,15 +717,11 @@ def _compile(cls: type[MeteredMachine], definition: Definition) -> None:
                             enter=() if t.dest is None else entering(t, source),
                             after=compile_callbacks(t.after, where) + after_change,
                             listening=cls._listening,
+                            lead=prepare_event if leads else (),
                         )
                     )
-                level: object = None
-                for i, (step, t) in enumerate(zip(steps, candidates)):
                     if t.dest is not None:
-                        step.entered = frozenset(getattr(t, "enter_path", (t.dest,)))
-                    if i == 0 or getattr(t, "level", None) != level:
-                        step.lead = prepare_event
-                    level = getattr(t, "level", None)
+                        steps[-1].entered = frozenset(getattr(t, "enter_path", (t.dest,)))
                 if len(steps) == 1:
                     only = steps[0]
                     only.bare = only.dest is not None and not (
