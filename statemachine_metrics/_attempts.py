@@ -28,7 +28,8 @@ It calls what `run_steps` would call, in the same order, with the same results:
   AttributeError because the name is not a method of this machine after all (a plain
   value, an attribute set since, none), `rescue` gives what `Callback.call` would;
 - any other callback (a function given as such, a dotted path, a property) goes through
-  `Callback.call`;
+  `Callback.call`; (a method replaced by a property on the class after the attempt was
+  compiled has its getter run twice a call: once by ``m.<name>()``, once by `rescue`);
 - a callback result that is awaitable hands the rest of the transition, from that
   operation on, to `resume_at`, a `run_steps` started where the attempt stopped.
 
