@@ -8,7 +8,9 @@ properties, names that stop being methods) and wherever one returns an awaitable
 
 from __future__ import annotations
 
+import gc
 import traceback
+import weakref
 from typing import Any
 
 import anyio
@@ -312,3 +314,25 @@ async def test_a_failing_candidate_gives_way_to_the_next_one() -> None:
         assert await machine.go() is True
         assert machine.state == "c"
         await machine.back()
+
+
+def test_a_class_and_a_machine_whose_attempts_ran_are_garbage_collected() -> None:
+    def make() -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+        class Short(MeteredMachine, registry=None):
+            states = ["a", "b"]
+            transitions = [["go", "a", "b", "ready", None, "pause"]]
+
+            def ready(self) -> bool:
+                return True
+
+            async def pause(self) -> None:
+                await anyio.lowlevel.checkpoint()
+
+        machine: Any = Short()
+        assert anyio.run(machine.go) is True  # compiled, and resumed after `before`
+        return weakref.ref(Short), weakref.ref(machine)
+
+    cls, machine = make()
+    gc.collect()
+    assert machine() is None
+    assert cls() is None
