@@ -7,7 +7,9 @@ arrival order), `run` tries the compiled steps for the current state as transiti
 cancellation or exception can separate them.
 
 A trigger whose turn is free and whose one step has no callbacks takes the fast path: the
-state changes at once, with nothing awaited, so no other task can come between.
+state changes at once, with nothing awaited, so no other task can come between. A trigger
+method called without arguments runs the steps' callbacks from a function compiled from
+their plans (`_attempts`); `run_steps` interprets the same plans for every other call.
 """
 
 from __future__ import annotations
@@ -785,11 +787,11 @@ def trigger_method(dispatch: Dispatch) -> Callable[..., Coroutine[Any, Any, bool
 
     For a trigger without machine-level hooks, when the machine's turn is free, it runs
     the transition itself: a bare step at once (`_move`), and callbacks synchronously
-    until one returns an awaitable, when it takes the turn and awaits the rest
-    (`_resume`). Until then nothing is awaited, so no other task can come between, and
-    holding the turn would change nothing. Anything else (a busy turn, a closed machine,
-    an invalid trigger, instrumentation wrapping `Dispatch.fire`) goes through
-    `dispatch.fire`.
+    (without arguments, through the steps' compiled attempt) until one returns an
+    awaitable, when it takes the turn and awaits the rest (`_resume`). Until then
+    nothing is awaited, so no other task can come between, and holding the turn would
+    change nothing. Anything else (a busy turn, a closed machine, an invalid trigger,
+    instrumentation wrapping `Dispatch.fire`) goes through `dispatch.fire`.
     """
     if dispatch.hooks is not None:
 
