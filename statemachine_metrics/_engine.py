@@ -407,10 +407,8 @@ def _move(machine: MeteredMachine, step: Step, at_once: bool) -> None:
             family.trigger_hist[step.tindex][family.quick] += 1  # observed as zero
     finally:
         lock.release()
-    if machine._timers is not None:
-        machine._timers.moved(step.dest, step.entered)
-    if step.listening or machine._listeners is not None:
-        _notify(machine, step, step.source, elapsed)
+    if machine._timers is not None or step.listening or machine._listeners is not None:
+        _moved(machine, step, elapsed)
 
 
 def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
@@ -453,6 +451,13 @@ def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         )
     finally:
         lock.release()
+    if machine._timers is not None or step.listening or machine._listeners is not None:
+        _moved(machine, step, elapsed)
+
+
+def _moved(machine: MeteredMachine, step: Step, elapsed: float) -> None:
+    """After `_move` or `_move_mirrored`, for a machine with timers or listeners: restart
+    the state timeouts of the states entered, then tell the listeners."""
     if machine._timers is not None:
         machine._timers.moved(step.dest, step.entered)
     if step.listening or machine._listeners is not None:
