@@ -161,13 +161,17 @@ class Step:
         "dst",
         "enter",
         "entered",
+        "entering",
         "exit",
         "family",
         "info",
+        "latency",
         "lead",
+        "leaving",
         "listening",
         "plan",
         "prepare",
+        "row",
         "slot",
         "source",
         "src",
@@ -201,6 +205,13 @@ class Step:
         self.dst = index[dest if dest is not None else source]
         self.slot = slot
         self.tindex = family.trigger_names.index(trigger)
+        # The family's rows the step writes, bound once (`Family.reset` zeroes them in
+        # place): the machines in its source and destination states (token -> when they
+        # entered), the source's time-in-state buckets, the trigger's latency buckets.
+        self.leaving = family.stays[self.src]
+        self.entering = family.stays[self.dst]
+        self.row = family.hist[self.src]
+        self.latency = family.trigger_hist[self.tindex]
         self.prepare = prepare
         self.conditions = conditions
         self.before = before
@@ -393,18 +404,17 @@ def _move(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
-        stays = family.stays
-        elapsed = now - stays[src].pop(token)
-        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        elapsed = now - step.leaving.pop(token)
+        step.row[bisect_left(family.bounds, elapsed)] += 1
         family.hist_sum[src] += elapsed
         counts = family.counts
         counts[src] -= 1
         counts[dst] += 1
-        stays[dst][token] = now
+        step.entering[token] = now
         machine._series.child._value = dst  # type: ignore[union-attr]
         machine._state = step.dest  # type: ignore[assignment]
         if at_once:
-            family.trigger_hist[step.tindex][family.quick] += 1  # observed as zero
+            step.latency[family.quick] += 1  # observed as zero
     finally:
         lock.release()
     if machine._timers is not None or step.listening or machine._listeners is not None:
@@ -428,16 +438,15 @@ def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
-        stays = family.stays
-        leaving = stays[src]
+        leaving = step.leaving
         first = next(iter(leaving)) == token
         elapsed = now - leaving.pop(token)
-        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        step.row[bisect_left(family.bounds, elapsed)] += 1
         family.hist_sum[src] += elapsed
         counts = family.counts
         counts[src] -= 1
         counts[dst] += 1
-        entering = stays[dst]
+        entering = step.entering
         empty = not entering
         entering[token] = now
         series.child._value = dst
@@ -445,7 +454,7 @@ def _move_mirrored(machine: MeteredMachine, step: Step, at_once: bool) -> None:
         latency = None
         if at_once:
             latency = 0.0
-            family.trigger_hist[step.tindex][family.quick] += 1
+            step.latency[family.quick] += 1
         mirror.transition(
             series.key, src, dst, step.slot, elapsed, now, first, empty, step.tindex, latency
         )

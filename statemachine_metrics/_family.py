@@ -413,11 +413,12 @@ class Family:
         """Zero the counters and histograms, as if the class had just been created."""
         with self.lock:
             self.transitions = [0] * len(self.transition_labels)
-            self.hist = [[0] * len(self.bounds) for _ in self.states]
+            # The bucket rows are zeroed in place: each compiled step holds its own.
+            for row in (*self.hist, *self.trigger_hist):
+                row[:] = [0] * len(row)
             self.hist_sum = [0.0] * len(self.states)
             self.transition_exemplars = [None] * len(self.transition_labels)
             self.hist_exemplars = [[None] * len(self.bounds) for _ in self.states]
-            self.trigger_hist = [[0] * len(self.trigger_bounds) for _ in self.trigger_names]
             self.trigger_sum = [0.0] * len(self.trigger_names)
             self.errors = {}
             self.created = time.time()

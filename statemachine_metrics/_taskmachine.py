@@ -395,10 +395,10 @@ def _attach_moved(
         series.live += 1
         series.child._value = dst
         family.counts[dst] += 1
-        family.stays[dst][token] = now
+        step.entering[token] = now
         family.transitions[step.slot] += 1
-        family.hist[step.src][idle] += 1
-        family.trigger_hist[step.tindex][quick] += 1
+        step.row[idle] += 1
+        step.latency[quick] += 1
         return series
     finally:
         lock.release()
@@ -420,10 +420,10 @@ def _detach_moved(
         if family.pending:
             family._drain()
         family.transitions[step.slot] += 1
-        elapsed = now - family.stays[src].pop(token)
-        family.hist[src][bisect_left(family.bounds, elapsed)] += 1
+        elapsed = now - step.leaving.pop(token)
+        step.row[bisect_left(family.bounds, elapsed)] += 1
         family.hist_sum[src] += elapsed
-        family.trigger_hist[step.tindex][quick] += 1
+        step.latency[quick] += 1
         series.child._value = dst
         if series.key is None or series.live > 1:
             # The label set stays: the machine only leaves the counts.
@@ -435,7 +435,7 @@ def _detach_moved(
         counts[dst] += 1
         if not family._detach(series, dst, token):
             # The Enum's lock is taken: detached later, by the lock's next holder.
-            family.stays[dst][token] = now
+            step.entering[token] = now
             family.pending.append((series, dst, token))
     finally:
         lock.release()

@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from statemachine_metrics import MachineError, MeteredMachine, TaskMachine, TransitionSpec
 from statemachine_metrics.testing import (
@@ -646,3 +647,55 @@ async def test_reset_metrics_zeroes_counters_and_histograms_not_live_counts() ->
     assert metrics.transitions(Other) == 0
     with pytest.raises(TypeError, match="reset_metrics\\(\\) takes a MeteredMachine class"):
         reset_metrics(w)  # type: ignore[arg-type]
+
+
+async def test_histograms_after_reset_metrics_count_every_path() -> None:
+    """The time-in-state and trigger-latency buckets go on counting after a reset, on the
+    bare step, the compiled one (a condition) and a task's fused lifecycle alike."""
+    registry = CollectorRegistry()
+
+    class Checked(MeteredMachine, registry=registry):
+        states = ["idle", "running"]
+        transitions = [
+            ["start", "idle", "running"],
+            {"trigger": "finish", "source": "running", "dest": "idle", "conditions": "ok"},
+        ]
+
+        def ok(self) -> bool:
+            return True
+
+    class Calls(TaskMachine, registry=registry):
+        pass
+
+    @Calls.task
+    async def call() -> None:
+        pass
+
+    def counted(cls: type[MeteredMachine], metric: str, label: str) -> float | None:
+        """The +Inf bucket of the time in state `label` or of the trigger `label`."""
+        names = cls.metric_names()
+        if metric == "trigger":
+            name, labels = names[-1], {"trigger": label}
+        else:
+            name, labels = names[3], {names[0]: label}
+        return registry.get_sample_value(f"{name}_bucket", {**labels, "le": "+Inf"})
+
+    w = Checked()
+    await w.start()
+    await w.finish()
+    await call()
+    reset_metrics(Checked)
+    reset_metrics(Calls)
+    assert counted(Checked, "trigger", "finish") == 0
+
+    await w.start()  # bare
+    await w.finish()  # compiled: its condition runs
+    await call()
+    assert counted(Checked, "state", "idle") == 1
+    assert counted(Checked, "state", "running") == 1
+    assert counted(Checked, "trigger", "start") == 1
+    assert counted(Checked, "trigger", "finish") == 1
+    assert counted(Calls, "state", "pending") == 1
+    assert counted(Calls, "state", "running") == 1
+    assert counted(Calls, "trigger", "start") == 1
+    assert counted(Calls, "trigger", "succeed") == 1
