@@ -263,7 +263,7 @@ Op = tuple[int, Callback, bool]
 class Dispatch:
     """One trigger of one class, compiled: its steps for each source state."""
 
-    __slots__ = ("family", "fire", "hooks", "index", "info", "name", "steps")
+    __slots__ = ("bare", "family", "fire", "hooks", "index", "info", "name", "steps")
 
     def __init__(
         self,
@@ -276,6 +276,11 @@ class Dispatch:
         self.steps = steps
         self.family = cast(Family, family)  # None only on a template, which never fires
         self.hooks = hooks
+        #: The bare steps (`Step.bare`) by source state, which a trigger without
+        #: machine-level hooks takes at once when the turn is free (`_tasks._now`).
+        self.bare: dict[str, Step] = {}
+        if hooks is None:
+            self.bare = {source: table[0] for source, table in steps.items() if table[0].bare}
         self.index = -1 if family is None else family.trigger_names.index(name)
         self.info = EventInfo(name)
         #: What every way of firing the trigger calls (instrumentation wraps it).

@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):
 
 from . import _engine
 from ._engine import Dispatch, _move
+from ._engine import fire as _engine_fire
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -88,18 +89,15 @@ def _now(machine: MeteredMachine, trigger: _Trigger) -> bool:
 
     Nothing is awaited, so nothing can come between, and there is no cancellation point.
     """
+    step = trigger.bare.get(machine._state)
     if (
-        machine._owner is None
+        step is not None
+        and machine._owner is None
         and machine._series is not None
-        and trigger.hooks is None
-        and trigger.fire is _engine.fire
+        and trigger.fire is _engine_fire
     ):
-        steps = trigger.steps.get(machine._state)
-        if steps is not None:
-            step = steps[0]
-            if step.bare:  # and the machine is open, in the step's source state
-                _move(machine, step, True)
-                return True
+        _move(machine, step, True)
+        return True
     return False
 
 
