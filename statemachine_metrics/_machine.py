@@ -458,6 +458,9 @@ class MeteredMachine:
         machine. Waits for a running transition to finish; closing twice is harmless."""
         if self._series is None:
             return
+        if self._owner is None:
+            self._end()  # the turn is free: nothing can come between
+            return
         await _engine.fire_exclusive(self, self._end)
 
     async def __aenter__(self) -> Self:
