@@ -69,13 +69,17 @@ CASES: dict[str, Callable[[int], Awaitable[None]]] = {
 
 
 def measure(
-    rounds: int = 5, backends: tuple[str, ...] = BACKENDS, workers: int = WORKERS
+    rounds: int = 5,
+    backends: tuple[str, ...] = BACKENDS,
+    workers: int = WORKERS,
+    jobs: int | None = None,
 ) -> dict[str, float]:
     """Seconds per job of every case on each of `backends` (``"<case>, <backend>"``), with
-    `workers` workers sharing the pool's 20,000 jobs."""
+    `workers` workers sharing the pool's 20,000 jobs, or doing `jobs` jobs each."""
     global JOBS
     kept = bench_pool.WORKERS, bench_pool.JOBS, JOBS
-    bench_pool.WORKERS, bench_pool.JOBS = workers, WORKERS * JOBS // workers
+    bench_pool.WORKERS = workers
+    bench_pool.JOBS = WORKERS * JOBS // workers if jobs is None else jobs
     JOBS = bench_pool.JOBS
     try:
 
@@ -112,7 +116,29 @@ def run() -> Table:
     small.add(anchor, few[anchor], floor)
     for name in (TRACK, TASK):
         small.add(f"{name}, asyncio", few[f"{name}, asyncio"], anchor, floor)
-    return table.then(small)
+    return table.then(small).then(split(times))
+
+
+def split(times: dict[str, float]) -> Table:
+    """The 1,000-worker times (asyncio) taken apart, from pools of 1 and of `JOBS` jobs per
+    worker: per job t(n) = setup / n + job, so one job is ``(JOBS t(JOBS) - t(1)) /
+    (JOBS - 1)`` and a worker's setup (its task, and its machine, decoration and close)
+    is ``t(1) - job``."""
+    once = measure(backends=("asyncio",), jobs=1)
+    table = Table("The 1,000-worker jobs taken apart: one more job, and a worker's setup")
+    job: dict[str, float] = {}
+    for name in (FLOOR, ANCHOR, TRACK, TASK):
+        case = f"{name}, asyncio"
+        job[name] = (JOBS * times[case] - once[case]) / (JOBS - 1)
+    for name in (FLOOR, ANCHOR, TRACK, TASK):
+        row = f"one job: {name}, asyncio"
+        table.add(
+            row, job[name], *((f"one job: {ANCHOR}, asyncio",) if name in (TRACK, TASK) else ())
+        )
+    for name in (FLOOR, ANCHOR, TRACK, TASK):
+        case = f"{name}, asyncio"
+        table.add(f"a worker's setup: {name}, asyncio", once[case] - job[name])
+    return table
 
 
 if __name__ == "__main__":
