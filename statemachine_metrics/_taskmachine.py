@@ -112,7 +112,7 @@ class TaskMachine(MeteredMachine, abstract=True):
         key = None if labels is None and not family.labelled else _label_key(cls, family, labels)
         self = object.__new__(cls)
         # Every slot `MeteredMachine.__init__` sets.
-        self._state = family.states[step.dst]
+        self._state = step.dest  # type: ignore[assignment]
         self._owner = None
         self._waiters = None
         self._timers = None
@@ -315,13 +315,13 @@ def _fused(
         }
     )
 
+    moved_in = cls._moved_in
+
     @functools.wraps(func)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         if first.listening or start.fire is not fire or _engine.exemplar_source is not None:
             return await slow(*args, **kwargs)
-        machine = cls._moved_in(
-            None if labels is None else labels(*args, **kwargs), first, idle, quick
-        )
+        machine = moved_in(None if labels is None else labels(*args, **kwargs), first, idle, quick)
         running = _running.set((machine, _running.get()))
         try:
             try:
@@ -344,7 +344,7 @@ def _fused(
                 and _engine.exemplar_source is None
             ):
                 machine._series = None
-                machine._state = family.states[step.dst]
+                machine._state = step.dest  # type: ignore[assignment]
                 _detach_moved(family, series, machine._token, step, quick)
                 return result
             try:
