@@ -647,7 +647,7 @@ def run_steps(
         step = steps[i]
         plan = step.plan if event is None else step.told
         for kind, callback, target in plan[k:] if k else plan:
-            if kind is _CALL:
+            if kind is _CALL or kind is _COND:
                 result = callback.call(machine, args, kwargs)
                 if (
                     result is not None
@@ -655,17 +655,8 @@ def run_steps(
                     and result is not False
                     and isawaitable(result)
                 ):
-                    yield result
-            elif kind is _COND:
-                result = callback.call(machine, args, kwargs)
-                if (
-                    result is not None
-                    and result is not True
-                    and result is not False
-                    and isawaitable(result)
-                ):
-                    result = yield result
-                if result != target:
+                    result = yield result  # what it gave: a condition's answer
+                if kind is _COND and result != target:
                     passed = False
             elif kind is _MOVE:
                 if (
